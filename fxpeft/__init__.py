@@ -1,0 +1,65 @@
+"""fxpeft: parameter-efficient fine-tuning as compiler surgery on a torch.fx graph.
+
+Example:
+    >>> import torch, fxpeft
+    >>> mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    >>> x = torch.randn(2, 8)
+    >>> gm = fxpeft.trace(mlp, (x,))
+    >>> gm = fxpeft.rewrite(gm, fxpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"]))
+    >>> bool((gm(x) == mlp(x)).all())       # zero-initialised B: the same outputs, bit for bit
+    True
+    >>> merged = fxpeft.merge(gm)          # a plain graph again
+"""
+
+from . import passes  # noqa: F401  (registers LoRA and IA3)
+from .api import (
+    adapters,
+    export,
+    get_nb_trainable_parameters,
+    merge,
+    print_trainable_parameters,
+    rewrite,
+    trace,
+)
+from .errors import (
+    AdapterExistsError,
+    AdapterFileError,
+    ConfigError,
+    FxPeftError,
+    MergeError,
+    TargetError,
+    TraceError,
+    UnsupportedSiteError,
+)
+from .passes.ia3 import IA3Config
+from .passes.lora import LoraConfig
+from .registry import AdapterModule, Method, PeftRegistry
+from .sites import Site, find_sites, list_sites
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "trace",
+    "rewrite",
+    "merge",
+    "export",
+    "adapters",
+    "list_sites",
+    "find_sites",
+    "Site",
+    "get_nb_trainable_parameters",
+    "print_trainable_parameters",
+    "LoraConfig",
+    "IA3Config",
+    "PeftRegistry",
+    "Method",
+    "AdapterModule",
+    "FxPeftError",
+    "TraceError",
+    "ConfigError",
+    "TargetError",
+    "UnsupportedSiteError",
+    "AdapterExistsError",
+    "MergeError",
+    "AdapterFileError",
+]

@@ -1,0 +1,304 @@
+"""The public pipeline: trace → rewrite → (train) → merge → export."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import tempfile
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import fx, nn
+from torch.fx.graph import _PyTreeCodeGen
+
+from .errors import TraceError
+from .registry import AdapterModule
+
+__all__ = ["trace", "rewrite", "merge", "export", "get_nb_trainable_parameters", "print_trainable_parameters"]
+
+
+class _DefaultsCodeGen(_PyTreeCodeGen):
+    """The export codegen, plus defaults for trailing non-tensor arguments (``use_cache=False``).
+
+    torch.export specialises on non-tensor inputs; giving them their traced value as a default means the
+    graph is called like the model (``gm(input_ids=ids)``), and passing another value fails the graph's guard.
+    """
+
+    def __init__(self, pytree_info, defaults: dict[str, Any]):
+        super().__init__(pytree_info)
+        self.defaults = defaults
+
+    def gen_fn_def(self, free_vars, maybe_return_annotation, *, expanded_def: bool = False) -> str:
+        src = super().gen_fn_def(free_vars, maybe_return_annotation, expanded_def=expanded_def)
+        head, sep, rest = src.partition("\n")
+        for name, value in self.defaults.items():
+            head = head.replace(f", {name})", f", {name} = {value!r})").replace(f", {name},", f", {name} = {value!r},")
+        return head + sep + rest
+
+
+def _auto_dynamic_shapes(args: tuple, kwargs: dict) -> tuple:
+    """Every dim of every tensor input is ``Dim.AUTO``: dynamic unless the model pins it (e.g. channels)."""
+
+    def spec(x):
+        return {i: torch.export.Dim.AUTO for i in range(x.dim())} if isinstance(x, torch.Tensor) else None
+
+    # torch.export matches a tuple of specs to the args, then the kwargs in call order.
+    return tuple(pytree.tree_map(spec, a) for a in args) + tuple(pytree.tree_map(spec, v) for v in kwargs.values())
+
+
+def _record(gm: fx.GraphModule, model: nn.Module, dialect: str) -> None:
+    gm.meta["fxpeft_dialect"] = dialect
+    cfg = getattr(model, "config", None)
+    gm.meta["fxpeft_model_type"] = getattr(cfg, "model_type", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):  # HF models: "all-linear" leaves out exactly what PEFT leaves out
+        head = get_out()
+        gm.meta["fxpeft_output_head"] = next((n for n, m in model.named_modules() if m is head), "") if head is not None else ""
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, strict: bool) -> fx.GraphModule:
+    modes = {m: m.training for m in model.modules()}
+    try:
+        # Base batch-norm runs on its running statistics (frozen, as a frozen base should be); dropout
+        # modules are captured in training mode and turned back into modules, so they follow train()/eval().
+        model.eval()
+        for m in model.modules():
+            if isinstance(m, nn.modules.dropout._DropoutNd):
+                m.train()
+        ep = torch.export.export(model, args, kwargs, dynamic_shapes=_auto_dynamic_shapes(args, kwargs) if dynamic_shapes is None else dynamic_shapes,
+                                 strict=strict)
+    except Exception as e:  # torch.export raises many types; the user needs one clear one
+        first = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
+        raise TraceError(
+            f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: {first}\n"
+            f"Try: strict={not strict}; fewer dynamic dims (dynamic_shapes=...); inputs that take the path you "
+            "train on; or trace without inputs (torch.fx.symbolic_trace) with the failing submodule as a leaf "
+            "(leaf_modules=...).") from e
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    ep_mod = ep.module()
+    # ep.module() refuses train(); a plain GraphModule over the same graph keeps the calling convention.
+    gm = fx.GraphModule(ep_mod, ep_mod.graph, class_name=f"{type(model).__name__}Graph")
+    for kind, named in (("parameter", ep_mod.named_parameters), ("buffer", ep_mod.named_buffers)):
+        for name, t in named(remove_duplicate=False):  # keep every alias (tied weights) and unused buffer
+            parent, _, leaf = name.rpartition(".")
+            try:
+                owner = gm.get_submodule(parent) if parent else gm
+            except AttributeError:
+                gm.add_submodule(parent, nn.Module())
+                owner = gm.get_submodule(parent)
+            if not hasattr(owner, leaf):
+                (owner.register_parameter if kind == "parameter" else owner.register_buffer)(leaf, t)
+    flat, _ = pytree.tree_flatten((args, kwargs))
+    names = gm.graph._codegen.pytree_info.orig_args
+    if len(names) == len(flat):
+        defaults = {}
+        for name, value in reversed(list(zip(names, flat))):
+            if isinstance(value, (bool, int, float, str, type(None))):
+                defaults[name] = value
+            else:
+                break
+        if defaults:
+            gm.graph._codegen = _DefaultsCodeGen(gm.graph._codegen.pytree_info, dict(reversed(defaults.items())))
+    from .passes.normalize import DropoutToModule
+
+    DropoutToModule()(gm)
+    return gm
+
+
+def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, dynamic_shapes=None,
+          strict: bool = False, leaf_modules: tuple[type, ...] = ()) -> fx.GraphModule:
+    """Capture ``model`` as a trainable ``torch.fx.GraphModule``.
+
+    With example inputs it uses ``torch.export`` (every tensor dim ``Dim.AUTO``, so batch and sequence
+    length stay dynamic) and returns a plain ``GraphModule`` over ``ep.module()``'s graph: it supports
+    ``train()``/``eval()``, ``state_dict()``, ``to()`` and optimizers. Without inputs it uses
+    ``torch.fx.symbolic_trace``.
+
+    Behaviour notes for export graphs:
+      * non-tensor inputs given at trace time (``use_cache=False``) are baked in; they become defaults of
+        the graph's ``forward``, and passing a different value fails the graph's guard;
+      * dropout modules follow ``train()``/``eval()``; batch norm uses its running statistics (frozen).
+
+    Args:
+        model: the module to capture.
+        args: example positional inputs.
+        kwargs: example keyword inputs.
+        dynamic_shapes: passed to ``torch.export`` instead of the all-``AUTO`` default.
+        strict: ``torch.export``'s strict mode (default False, which HF models need).
+        leaf_modules: module classes that symbolic_trace keeps as opaque calls.
+
+    Returns:
+        The graph module, sharing parameters with ``model``.
+
+    Raises:
+        TraceError: capture failed; the message says why and which route to try instead.
+
+    Example:
+        >>> import torch, fxpeft
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> gm = fxpeft.trace(mlp, (torch.randn(3, 4),))
+        >>> gm(torch.randn(5, 4)).shape
+        torch.Size([5, 2])
+    """
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"trace() takes an nn.Module, got {type(model).__name__}")
+    kwargs = dict(kwargs or {})
+    if args or kwargs:
+        gm = _export(model, tuple(args), kwargs, dynamic_shapes, strict)
+        dialect = "export"
+    else:
+        class _Tracer(fx.Tracer):
+            def is_leaf_module(self, m, qualname):
+                return isinstance(m, tuple(leaf_modules)) or super().is_leaf_module(m, qualname)
+
+        try:
+            graph = _Tracer().trace(model)
+        except Exception as e:
+            raise TraceError(
+                f"torch.fx.symbolic_trace could not capture {type(model).__name__}: {type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0][:400] if str(e).strip() else ''}\n"
+                "Pass example inputs (fxpeft.trace(model, args, kwargs)) to use torch.export, which captures "
+                "data-dependent Python and HF models, or mark the failing submodule as a leaf (leaf_modules=...).") from e
+        gm = fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Graph")
+        dialect = "fx"
+    _record(gm, model, dialect)
+    gm.train(model.training)
+    gm.graph.lint()
+    return gm
+
+
+def rewrite(gm: fx.GraphModule, config: Any, adapter_name: str = "default") -> fx.GraphModule:
+    """Insert adapters into ``gm`` in place and freeze every base parameter.
+
+    Atomic: every check runs before the graph changes, so on error ``gm`` is exactly as it was.
+
+    Args:
+        gm: a graph from :func:`trace`.
+        config: :class:`fxpeft.LoraConfig`, :class:`fxpeft.IA3Config`, or another registered method's config.
+        adapter_name: key of this adapter.
+
+    Returns:
+        ``gm``, rewritten.
+
+    Raises:
+        TargetError, UnsupportedSiteError, AdapterExistsError, ConfigError: see the message for the fix.
+
+    Example:
+        >>> import torch, fxpeft
+        >>> gm = fxpeft.trace(torch.nn.Sequential(torch.nn.Linear(4, 4)), (torch.randn(2, 4),))
+        >>> gm = fxpeft.rewrite(gm, fxpeft.LoraConfig(r=2, target_modules=["0"]))
+        >>> sorted(n for n, p in gm.named_parameters() if p.requires_grad)
+        ['0.lora_default.A', '0.lora_default.B']
+    """
+    from .passes.inject import InjectAdapter
+
+    return InjectAdapter(config, adapter_name)(gm).graph_module
+
+
+def merge(gm: fx.GraphModule, adapter_names: list[str] | None = None) -> fx.GraphModule:
+    """Fold adapters into the base weights in place and remove them: a plain graph again.
+
+    Deltas are computed in fp32 and cast back to each weight's dtype. Every merged weight is checked to be
+    finite before any is written. A weight tied to another call site gets its own copy (with a warning).
+    Weights are written in place, so a model that shares them with ``gm`` (the traced model) sees them too.
+
+    Args:
+        gm: a rewritten graph.
+        adapter_names: merge only these adapters (default: all).
+
+    Returns:
+        ``gm``, merged.
+
+    Raises:
+        MergeError: a merged weight would be NaN/inf; nothing was changed.
+
+    Example:
+        >>> import torch, fxpeft
+        >>> gm = fxpeft.rewrite(fxpeft.trace(torch.nn.Sequential(torch.nn.Linear(4, 4))),
+        ...                     fxpeft.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+        >>> x = torch.randn(2, 4); before = gm(x)
+        >>> torch.allclose(fxpeft.merge(gm)(x), before, atol=1e-6)
+        True
+    """
+    from .passes.merge import MergeAdapters
+
+    names = tuple(adapter_names) if adapter_names is not None else None
+    return MergeAdapters(names)(gm).graph_module
+
+
+def export(gm: nn.Module, path: str | os.PathLike, args: tuple = (), kwargs: dict | None = None, *,
+           dynamic_shapes=None, strict: bool = False) -> torch.export.ExportedProgram:
+    """Export ``gm`` (merged or not) to a ``.pt2`` that ``torch.export.load(path).module()`` runs without fxpeft.
+
+    The graph is exported in eval mode (dropout off), with the same dynamic dims as :func:`trace`. The
+    file is written to a temporary name in the same directory and renamed, so a crash leaves no half file.
+
+    Example:
+        >>> import torch, fxpeft, tempfile, os
+        >>> gm = fxpeft.trace(torch.nn.Sequential(torch.nn.Linear(4, 2)), (torch.randn(3, 4),))
+        >>> p = os.path.join(tempfile.mkdtemp(), "m.pt2")
+        >>> _ = fxpeft.export(gm, p, (torch.randn(3, 4),))
+        >>> torch.export.load(p).module()(torch.randn(7, 4)).shape
+        torch.Size([7, 2])
+    """
+    kwargs = dict(kwargs or {})
+    was_training = gm.training
+    gm.eval()
+    try:
+        ep = torch.export.export(gm, tuple(args), kwargs,
+                                 dynamic_shapes=_auto_dynamic_shapes(tuple(args), kwargs) if dynamic_shapes is None else dynamic_shapes,
+                                 strict=strict)
+    finally:
+        gm.train(was_training)
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".fxpeft-tmp-", suffix=".pt2", dir=directory)
+    os.close(fd)
+    try:
+        torch.export.save(ep, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return ep
+
+
+def get_nb_trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """Return ``(trainable, total)`` parameter counts, counted as HF PEFT counts them.
+
+    Example:
+        >>> import torch, fxpeft
+        >>> gm = fxpeft.rewrite(fxpeft.trace(torch.nn.Sequential(torch.nn.Linear(4, 4))),
+        ...                     fxpeft.LoraConfig(r=2, target_modules=["0"]))
+        >>> fxpeft.get_nb_trainable_parameters(gm)
+        (16, 36)
+    """
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print the trainable/total counts in PEFT's format.
+
+    Example:
+        >>> import torch, fxpeft
+        >>> gm = fxpeft.rewrite(fxpeft.trace(torch.nn.Sequential(torch.nn.Linear(4, 4))),
+        ...                     fxpeft.LoraConfig(r=2, target_modules=["0"]))
+        >>> fxpeft.print_trainable_parameters(gm)
+        trainable params: 16 || all params: 36 || trainable%: 44.4444
+    """
+    trainable, total = get_nb_trainable_parameters(model)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+
+def adapters(gm: fx.GraphModule) -> dict[str, AdapterModule]:
+    """Every adapter submodule of ``gm`` by path (found by type, never by name)."""
+    return {n: m for n, m in gm.named_modules() if isinstance(m, AdapterModule)}

@@ -1,0 +1,349 @@
+"""Call-site discovery: where a graph applies a linear, conv or embedding weight.
+
+A *site* is one trainable weight and every graph call that applies it. It is found by pattern-matching
+nodes, in both graph dialects fxpeft produces:
+
+* **export** (``torch.export`` → ``ep.module()``): ``aten.linear/addmm/mm/matmul/conv*/convolution/embedding``
+  whose weight is a ``get_attr`` parameter, with the owning module in ``node.meta["nn_module_stack"]``;
+* **fx** (``torch.fx.symbolic_trace``): ``call_module`` on ``nn.Linear/Conv*/Embedding`` (and HF ``Conv1D``),
+  or ``F.linear``/``F.conv*``/``F.embedding``/``@``/``torch.matmul``/``torch.addmm`` on a parameter.
+
+Sites are named the way a PEFT user expects: by the owning module (``model.layers.0.self_attn.q_proj``) when
+the weight is that module's ``weight``, otherwise by the parameter's qualified name (``blocks.0.w_qkv``).
+A module called twice is one site with two calls.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+__all__ = ["Call", "Site", "find_sites", "list_sites", "graph_dialect", "FXPEFT_META"]
+
+#: key of the tag that every node fxpeft inserts carries in ``node.meta``.
+FXPEFT_META = "fxpeft"
+
+aten = torch.ops.aten
+
+# op -> (kind, input position, weight position, bias position, the layout the op expects for the weight).
+# "out_in" means the op wants [out, in] (F.linear); "in_out" means [in, out] (x @ W, addmm).
+_LINEAR_OPS = {
+    aten.linear.default: (0, 1, 2, "out_in"),
+    F.linear: (0, 1, 2, "out_in"),
+    torch._C._nn.linear: (0, 1, 2, "out_in"),
+    aten.addmm.default: (1, 2, 0, "in_out"),
+    torch.addmm: (1, 2, 0, "in_out"),
+    aten.mm.default: (0, 1, None, "in_out"),
+    torch.mm: (0, 1, None, "in_out"),
+    aten.matmul.default: (0, 1, None, "in_out"),
+    torch.matmul: (0, 1, None, "in_out"),
+    operator.matmul: (0, 1, None, "in_out"),
+}
+_CONV_OPS = {
+    aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3,
+    aten.conv1d.padding: 1, aten.conv2d.padding: 2, aten.conv3d.padding: 3,
+    F.conv1d: 1, F.conv2d: 2, F.conv3d: 3,
+    aten.convolution.default: None,  # dimensionality read off the weight
+}
+_EMBEDDING_OPS = {aten.embedding.default: (1, 0, 2), F.embedding: (0, 1, 2)}  # (indices, weight, padding_idx)
+_TRANSPOSES = {aten.t.default, torch.t, aten.numpy_T.default}
+_LEAF_CLASSES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding", "Conv1D", "NonDynamicallyQuantizableLinear")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One graph call that applies a site's weight.
+
+    Attributes:
+        node: the node computing the base output (``y = op(x, W, ...)``).
+        input_pos: where ``x`` sits in ``node.args`` (the indices, for an embedding).
+        weight_node: the ``get_attr`` node of the weight (None for ``call_module``).
+        weight_user: the node whose input is ``weight_node`` (the call itself, or a transpose of ``W``).
+    """
+
+    node: fx.Node
+    input_pos: int
+    weight_node: fx.Node | None = None
+    weight_user: fx.Node | None = None
+
+    @property
+    def input(self) -> fx.Node:
+        return self.node.args[self.input_pos]
+
+
+@dataclass
+class Site:
+    """A trainable weight and the calls that apply it.
+
+    Attributes:
+        name: PEFT-style name (owning module path, or parameter path).
+        kind: ``"linear"``, ``"conv"`` or ``"embedding"``.
+        weight: qualified name of the weight parameter.
+        bias: qualified name of the bias parameter, or None.
+        in_features / out_features: for a conv, channels; for an embedding, ``num_embeddings`` / ``embedding_dim``.
+        fan_in_fan_out: the weight is stored ``[in, out]`` (HF ``Conv1D``, ``x @ W``); PEFT's flag of that name.
+        kernel_size, stride, padding, dilation, groups: conv hyper-parameters (``padding`` may be a string).
+        padding_idx: embedding padding index, or None.
+        module_type: class name of the owning module, or the op, for display.
+        calls: every call that applies the weight.
+    """
+
+    name: str
+    kind: str
+    weight: str
+    bias: str | None
+    in_features: int
+    out_features: int
+    fan_in_fan_out: bool = False
+    kernel_size: tuple[int, ...] = ()
+    stride: tuple[int, ...] | None = None
+    padding: tuple[int, ...] | str | None = None
+    dilation: tuple[int, ...] | None = None
+    groups: int = 1
+    padding_idx: int | None = None
+    module_type: str = ""
+    calls: list[Call] = field(default_factory=list)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        if self.kind == "conv":
+            return (self.out_features, self.in_features // self.groups, *self.kernel_size)
+        if self.kind == "embedding":
+            return (self.in_features, self.out_features)
+        return (self.in_features, self.out_features) if self.fan_in_fan_out else (self.out_features, self.in_features)
+
+    def describe(self) -> str:
+        shape = "x".join(map(str, self.weight_shape))
+        extra = " fan_in_fan_out" if self.fan_in_fan_out else ""
+        return f"{self.name:<50} {self.kind:<9} {self.module_type:<22} weight[{shape}]{extra} calls={len(self.calls)}"
+
+
+def graph_dialect(gm: fx.GraphModule) -> str:
+    """Return ``"export"`` for an ``ep.module()``-style aten graph, ``"fx"`` for a symbolic_trace graph."""
+    tagged = getattr(gm, "meta", {}).get("fxpeft_dialect")
+    if tagged:
+        return tagged
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload):
+            return "export"
+    return "fx"
+
+
+def _attr(gm: fx.GraphModule, target: str):
+    try:
+        obj = gm
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        return obj
+    except AttributeError:
+        return None
+
+
+def _param_arg(gm: fx.GraphModule, arg) -> tuple[fx.Node, fx.Node | None, bool] | None:
+    """If ``arg`` is a parameter (or its transpose), return (get_attr node, transpose node, transposed)."""
+    if not isinstance(arg, fx.Node):
+        return None
+    if arg.op == "get_attr" and isinstance(_attr(gm, arg.target), nn.Parameter):
+        return arg, None, False
+    src = None
+    if arg.op == "call_function" and arg.target in _TRANSPOSES:
+        src = arg.args[0]
+    elif arg.op == "call_function" and arg.target in (aten.transpose.int, torch.transpose):
+        if sorted(d % 2 for d in arg.args[1:3]) == [0, 1]:
+            src = arg.args[0]
+    elif arg.op == "call_function" and arg.target is aten.permute.default and list(arg.args[1]) == [1, 0]:
+        src = arg.args[0]
+    elif arg.op == "call_method" and arg.target == "t":
+        src = arg.args[0]
+    elif arg.op == "call_function" and arg.target is getattr and arg.args[1] in ("T", "mT"):
+        src = arg.args[0]
+    if isinstance(src, fx.Node) and src.op == "get_attr" and isinstance(_attr(gm, src.target), nn.Parameter):
+        if _attr(gm, src.target).dim() == 2:
+            return src, arg, True
+    return None
+
+
+def _arg(node: fx.Node, pos: int | None, name: str, default=None):
+    if pos is not None and len(node.args) > pos:
+        return node.args[pos]
+    return node.kwargs.get(name, default)
+
+
+def _bias_target(gm: fx.GraphModule, bias) -> str | None:
+    if isinstance(bias, fx.Node) and bias.op == "get_attr" and isinstance(_attr(gm, bias.target), nn.Parameter):
+        return bias.target
+    return None
+
+
+def _owner(node: fx.Node) -> tuple[str, str] | None:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path, cls = list(stack.values())[-1]
+    cls_name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+    return path, cls_name.rsplit(".", 1)[-1]
+
+
+def _site_name(gm: fx.GraphModule, weight: str, node: fx.Node) -> tuple[str, str]:
+    """Name a site: the owning module when the weight is that module's ``weight``, else the parameter path."""
+    tensor = _attr(gm, weight)
+    owner = _owner(node)
+    if owner is not None:
+        path, cls = owner
+        # Tied weights: ep.module() reaches one tensor through one name (e.g. GPT-2's embedding reads
+        # ``lm_head.weight``); the module stack still knows which module made the call.
+        if path and (weight == f"{path}.weight" or _attr(gm, f"{path}.weight") is tensor):
+            return path, cls
+        return weight, cls
+    parent, _, leaf = weight.rpartition(".")
+    if leaf == "weight" and parent:
+        return parent, type(_attr(gm, parent)).__name__
+    return weight, "Parameter"
+
+
+def _conv_hparams(node: fx.Node, nd: int | None, weight: torch.Tensor):
+    if node.target is aten.convolution.default:
+        if node.args[6]:  # transposed convolution: not a LoRA site
+            return None
+        nd = weight.dim() - 2
+        stride, padding, dilation, groups = node.args[3], node.args[4], node.args[5], node.args[8]
+    else:
+        stride = _arg(node, 3, "stride", 1)
+        padding = _arg(node, 4, "padding", 0)
+        dilation = _arg(node, 5, "dilation", 1)
+        groups = _arg(node, 6, "groups", 1)
+
+    def tup(v):
+        return tuple(v) if isinstance(v, (list, tuple)) else (v,) * nd
+
+    return tup(stride), (padding if isinstance(padding, str) else tup(padding)), tup(dilation), int(groups)
+
+
+def _match(gm: fx.GraphModule, node: fx.Node) -> tuple[dict, Call] | None:
+    """Recognise one node as a call site. Returns (site fields, call) or None."""
+    if node.op == "call_module":
+        mod = _attr(gm, node.target)
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, nn.Parameter) or not node.args:
+            return None
+        fields = dict(name=node.target, weight=f"{node.target}.weight", module_type=type(mod).__name__,
+                      bias=f"{node.target}.bias" if isinstance(getattr(mod, "bias", None), nn.Parameter) else None)
+        call = Call(node, 0)
+        if isinstance(mod, nn.Linear):
+            return dict(fields, kind="linear", in_features=w.shape[1], out_features=w.shape[0]), call
+        if type(mod).__name__ == "Conv1D" and w.dim() == 2:  # HF GPT-2's transposed linear
+            return dict(fields, kind="linear", in_features=w.shape[0], out_features=w.shape[1], fan_in_fan_out=True), call
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            pad = mod.padding if isinstance(mod.padding, str) else tuple(mod.padding)
+            if mod.padding_mode != "zeros":
+                return None  # the padded input is not what a LoRA-A conv would see
+            return dict(fields, kind="conv", in_features=mod.in_channels, out_features=mod.out_channels,
+                        kernel_size=tuple(mod.kernel_size), stride=tuple(mod.stride), padding=pad,
+                        dilation=tuple(mod.dilation), groups=mod.groups), call
+        if isinstance(mod, nn.Embedding):
+            return dict(fields, kind="embedding", in_features=w.shape[0], out_features=w.shape[1],
+                        padding_idx=mod.padding_idx, bias=None), call
+        return None
+    if node.op != "call_function":
+        return None
+    t = node.target
+    if t in _LINEAR_OPS:
+        xpos, wpos, bpos, layout = _LINEAR_OPS[t]
+        if t in (aten.addmm.default, torch.addmm) and (node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1):
+            return None
+        p = _param_arg(gm, _arg(node, wpos, "weight"))
+        if p is None or _arg(node, xpos, "input") is None:
+            return None
+        wnode, tnode, transposed = p
+        w = _attr(gm, wnode.target)
+        if w.dim() != 2:
+            return None
+        stored_in_out = (layout == "in_out") != transposed
+        in_f, out_f = (w.shape[0], w.shape[1]) if stored_in_out else (w.shape[1], w.shape[0])
+        bias = _bias_target(gm, _arg(node, bpos, "bias")) if bpos is not None else None
+        name, cls = _site_name(gm, wnode.target, node)
+        return (dict(name=name, kind="linear", weight=wnode.target, bias=bias, in_features=in_f, out_features=out_f,
+                     fan_in_fan_out=stored_in_out, module_type=cls),
+                Call(node, xpos, wnode, tnode or node))
+    if t in _CONV_OPS:
+        p = _param_arg(gm, _arg(node, 1, "weight"))
+        if p is None or p[2]:
+            return None
+        wnode = p[0]
+        w = _attr(gm, wnode.target)
+        hp = _conv_hparams(node, _CONV_OPS[t], w)
+        if hp is None:
+            return None
+        stride, padding, dilation, groups = hp
+        name, cls = _site_name(gm, wnode.target, node)
+        return (dict(name=name, kind="conv", weight=wnode.target, bias=_bias_target(gm, _arg(node, 2, "bias")),
+                     in_features=w.shape[1] * groups, out_features=w.shape[0], kernel_size=tuple(w.shape[2:]),
+                     stride=stride, padding=padding, dilation=dilation, groups=groups, module_type=cls),
+                Call(node, 0, wnode, node))
+    if t in _EMBEDDING_OPS:
+        ipos, wpos, ppos = _EMBEDDING_OPS[t]
+        p = _param_arg(gm, _arg(node, wpos, "weight"))
+        if p is None or p[2]:
+            return None
+        wnode = p[0]
+        w = _attr(gm, wnode.target)
+        pad = _arg(node, ppos, "padding_idx", None)
+        pad = None if pad is None or pad == -1 and t is aten.embedding.default else pad
+        name, cls = _site_name(gm, wnode.target, node)
+        return (dict(name=name, kind="embedding", weight=wnode.target, bias=None, in_features=w.shape[0],
+                     out_features=w.shape[1], padding_idx=pad, module_type=cls),
+                Call(node, ipos, wnode, node))
+    return None
+
+
+def find_sites(gm: fx.GraphModule) -> dict[str, Site]:
+    """Find every targetable call site of a graph, in graph order.
+
+    Nodes fxpeft inserted (tagged in ``node.meta["fxpeft"]``) are never sites themselves.
+
+    Args:
+        gm: a graph from :func:`fxpeft.trace` (either dialect) or any ``torch.fx.GraphModule``.
+
+    Returns:
+        A dict from site name to :class:`Site`.
+
+    Example:
+        >>> import torch, fxpeft
+        >>> gm = fxpeft.trace(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)))
+        >>> list(fxpeft.find_sites(gm))
+        ['0', '2']
+    """
+    sites: dict[str, Site] = {}
+    for node in gm.graph.nodes:
+        if FXPEFT_META in node.meta:
+            continue
+        m = _match(gm, node)
+        if m is None:
+            continue
+        fields, call = m
+        name = fields["name"]
+        site = sites.get(name)
+        if site is not None and (site.weight != fields["weight"] or site.kind != fields["kind"]):
+            # One module path applying two different weights/kinds: keep them apart, never merge them.
+            name = fields["name"] = f"{name}:{fields['kind']}" if site.kind != fields["kind"] else fields["weight"]
+            site = sites.get(name)
+        if site is None:
+            site = sites[name] = Site(**fields)
+        site.calls.append(call)
+    return sites
+
+
+def list_sites(gm: fx.GraphModule) -> list[Site]:
+    """The targetable sites of a graph: the answer to "what do I put in ``target_modules``?".
+
+    Example:
+        >>> import torch, fxpeft
+        >>> gm = fxpeft.trace(torch.nn.Sequential(torch.nn.Linear(4, 8)))
+        >>> [(s.name, s.kind, s.weight_shape) for s in fxpeft.list_sites(gm)]
+        [('0', 'linear', (8, 4))]
+    """
+    return list(find_sites(gm).values())

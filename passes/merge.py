@@ -1,0 +1,170 @@
+"""The merge pass: fold every adapter into its base weight and remove its nodes and modules.
+
+Checks run on every site before any weight is written: each merged weight is computed in fp32 and must
+be finite. Only then are weights written in place (cast back to their dtype), one site at a time, so the
+peak extra memory is one weight in fp32, never a second copy of the model.
+
+A weight shared with another call site (tied embedding / lm_head) is never changed under the other site:
+the merged site gets its own copy, with a warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassResult
+
+from fxpeft.errors import MergeError
+from fxpeft.registry import PeftRegistry
+from fxpeft.sites import FXPEFT_META, Site, find_sites
+
+from .inject import adapter_tags
+
+__all__ = ["MergeAdapters"]
+
+
+def _set_param(gm: fx.GraphModule, path: str, value: nn.Parameter) -> None:
+    parent, _, leaf = path.rpartition(".")
+    if parent:
+        try:
+            gm.get_submodule(parent)
+        except AttributeError:
+            gm.add_submodule(parent, nn.Module())
+    owner = gm.get_submodule(parent) if parent else gm
+    if leaf in owner._parameters or not hasattr(owner, leaf):
+        owner.register_parameter(leaf, value)
+    else:
+        raise MergeError(f"cannot place an untied copy of a merged weight at {path!r}: the name is taken")
+
+
+def _other_readers(gm: fx.GraphModule, site: Site, sites: dict[str, Site], weight: torch.Tensor) -> list[fx.Node]:
+    """Nodes outside ``site`` that read ``weight`` (through any alias), and other module sites sharing it."""
+    own = {c.weight_user or c.node for c in site.calls}
+    readers = []
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and FXPEFT_META not in n.meta and _get(gm, n.target) is weight:
+            readers += [u for u in n.users if u not in own]
+        elif n.op == "call_module" and n not in own and getattr(_get(gm, n.target), "weight", None) is weight:
+            readers.append(n)
+    return readers
+
+
+def _get(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _untie(gm: fx.GraphModule, site: Site, merged: torch.Tensor, weight: nn.Parameter) -> str:
+    """Give ``site`` its own parameter holding ``merged``; the other readers keep ``weight``. Returns its name."""
+    new = nn.Parameter(merged, requires_grad=weight.requires_grad)
+    if site.calls[0].weight_node is None:  # call_module: the module owns the attribute
+        gm.get_submodule(site.name).weight = new
+        return f"{site.name}.weight"
+    want = f"{site.name}.weight" if site.weight.rpartition(".")[2] == "weight" else f"{site.weight}_merged"
+    aliases = [n for n, p in gm.named_parameters(remove_duplicate=False) if p is weight]
+    for n in gm.graph.nodes:  # other readers that reach the weight through ``want`` move to another alias
+        if n.op == "get_attr" and n.target == want and not any(u in {c.weight_user for c in site.calls} for u in n.users):
+            other = [a for a in aliases if a != want]
+            if not other:
+                want = f"{want}_merged"
+                break
+            n.target = other[0]
+    _set_param(gm, want, new)
+    for call in site.calls:
+        with gm.graph.inserting_before(call.weight_user):
+            node = gm.graph.get_attr(want)
+        node.meta.update({k: v for k, v in call.weight_node.meta.items() if k != FXPEFT_META})
+        call.weight_user.replace_input_with(call.weight_node, node)
+    return want
+
+
+@dataclass(frozen=True)
+class MergeAdapters:
+    """Fold adapters into the base weights and remove them, leaving a plain graph.
+
+    Idempotent: a graph without adapters is returned unchanged with ``modified=False``.
+
+    Args:
+        adapter_names: merge only these adapters (default: all). Others stay in the graph, unmerged.
+
+    Example:
+        >>> import torch, fxpeft
+        >>> from fxpeft.passes.merge import MergeAdapters
+        >>> gm = fxpeft.rewrite(fxpeft.trace(torch.nn.Sequential(torch.nn.Linear(4, 4))),
+        ...                     fxpeft.LoraConfig(r=2, target_modules=["0"]))
+        >>> MergeAdapters()(gm).modified, MergeAdapters()(gm).modified
+        (True, False)
+    """
+
+    adapter_names: tuple[str, ...] | None = None
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        tags = [t for t in adapter_tags(gm).values()
+                if self.adapter_names is None or t["adapter"] in self.adapter_names]
+        if not tags:
+            gm.graph.lint()
+            return PassResult(gm, False)
+        sites = find_sites(gm)
+        plan: dict[str, list[tuple[dict, nn.Module]]] = {}
+        for tag in tags:
+            if tag["site"] not in sites:
+                raise MergeError(f"adapter {tag['module']!r} sits on {tag['site']!r}, which is no longer a call site "
+                                 "of this graph; was the graph edited by hand?")
+            plan.setdefault(tag["site"], []).append((tag, gm.get_submodule(tag["module"])))
+
+        def folded(site: Site):
+            weight = gm.get_parameter(site.weight)
+            bias = gm.get_parameter(site.bias) if site.bias else None
+            w, b = weight.detach().float(), None if bias is None else bias.detach().float()
+            for tag, module in plan[site.name]:
+                method = PeftRegistry.get(tag["method"])
+                w, b = method.fold(module, site, w, b)
+            return weight, bias, w, b
+
+        # ---- check every site first: nothing is written unless all merges are finite ----
+        with torch.no_grad():
+            for name in plan:
+                site = sites[name]
+                _, _, w, b = folded(site)
+                if not torch.isfinite(w).all() or (b is not None and not torch.isfinite(b).all()):
+                    bad = ", ".join(t["module"] for t, _ in plan[name])
+                    raise MergeError(f"merging {bad} into {site.weight!r} gives non-finite values (NaN/inf); "
+                                     "the adapter weights have diverged. Nothing was merged; check the training "
+                                     "(learning rate, loss scaling) or reload a good adapter.")
+
+            # ---- commit, one site at a time ----
+            for name in plan:
+                site = sites[name]
+                weight, bias, w, b = folded(site)
+                if _other_readers(gm, site, sites, weight):
+                    where = _untie(gm, site, w.to(weight.dtype), weight)
+                    warnings.warn(f"merge: {site.name!r} shares its weight with another call site (tied weights); "
+                                  f"the merged weight is a new parameter {where!r} and the other site is unchanged")
+                else:
+                    weight.copy_(w.to(weight.dtype))
+                if bias is not None and b is not None:
+                    bias.copy_(b.to(bias.dtype))
+                del w, b
+
+        # ---- remove adapter nodes (bypass each "out" node, then erase users first) and modules ----
+        doomed: set[fx.Node] = set()
+        for tag in tags:
+            for n in tag["nodes"]:
+                if n.meta[FXPEFT_META]["role"] == "out":
+                    n.replace_all_uses_with(n.args[0])
+            doomed.update(tag["nodes"])
+        for n in reversed(list(gm.graph.nodes)):
+            if n in doomed:
+                gm.graph.erase_node(n)
+        for tag in tags:
+            gm.delete_submodule(tag["module"])
+        gm.graph.lint()
+        gm.recompile()
+        return PassResult(gm, True)
