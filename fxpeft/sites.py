@@ -198,7 +198,6 @@ def _site_name(gm: fx.GraphModule, weight: str, node: fx.Node) -> tuple[str, str
         # ``lm_head.weight``); the module stack still knows which module made the call.
         if path and (weight == f"{path}.weight" or _attr(gm, f"{path}.weight") is tensor):
             return path, cls
-        return weight, cls
     parent, _, leaf = weight.rpartition(".")
     if leaf == "weight" and parent:
         return parent, type(_attr(gm, parent)).__name__
