@@ -102,6 +102,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, strict:
                 break
         if defaults:
             gm.graph._codegen = _DefaultsCodeGen(gm.graph._codegen.pytree_info, dict(reversed(defaults.items())))
+            gm.recompile()
     from .passes.normalize import DropoutToModule
 
     DropoutToModule()(gm)

@@ -94,12 +94,14 @@ class IA3(Method):
 
     @classmethod
     def insert(cls, emit: Emit, call: Call, site: Site, adapter: IA3Adapter) -> None:
-        l = emit.get_attr("l", "ia3_l_weight")
         if adapter.is_feedforward:
             x = call.input
-            out = emit.fn("mul", x, l, role="out")  # scales the input features
+            with emit.graph.inserting_before(call.node):  # the call reads the scaled input
+                l = emit.get_attr("l", "ia3_l_weight")
+                out = emit.fn("mul", x, l, role="out")  # scales the input features
             call.node.replace_input_with(x, out)
         else:
+            l = emit.get_attr("l", "ia3_l_weight")
             y = call.node
             out = emit.fn("mul", y, l, role="out")  # scales the output features (bias included)
             y.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
