@@ -31,6 +31,7 @@ from .errors import (
     TraceError,
     UnsupportedSiteError,
 )
+from .io import load_adapter, save_adapter, save_merged
 from .passes.ia3 import IA3Config
 from .passes.lora import LoraConfig
 from .registry import AdapterModule, Method, PeftRegistry
@@ -43,6 +44,9 @@ __all__ = [
     "rewrite",
     "merge",
     "export",
+    "save_adapter",
+    "load_adapter",
+    "save_merged",
     "adapters",
     "list_sites",
     "find_sites",

@@ -91,6 +91,10 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, strict:
                 owner = gm.get_submodule(parent)
             if not hasattr(owner, leaf):
                 (owner.register_parameter if kind == "parameter" else owner.register_buffer)(leaf, t)
+    for path, mod in ep_mod.named_modules():  # keep non-persistent buffers out of state_dict(), as in the model
+        if mod._non_persistent_buffers_set:
+            owner = gm.get_submodule(path) if path else gm
+            owner._non_persistent_buffers_set |= {b for b in mod._non_persistent_buffers_set if b in owner._buffers}
     flat, _ = pytree.tree_flatten((args, kwargs))
     names = gm.graph._codegen.pytree_info.orig_args
     if len(names) == len(flat):
