@@ -51,6 +51,7 @@ def _record(gm: fx.GraphModule, model: nn.Module, dialect: str) -> None:
     gm.meta["fxpeft_dialect"] = dialect
     cfg = getattr(model, "config", None)
     gm.meta["fxpeft_model_type"] = getattr(cfg, "model_type", None)
+    gm.meta["fxpeft_model_class"] = type(model).__name__  # survives deepcopy (the GraphModule class name does not)
     get_out = getattr(model, "get_output_embeddings", None)
     if callable(get_out):  # HF models: "all-linear" leaves out exactly what PEFT leaves out
         head = get_out()

@@ -19,8 +19,8 @@ The PEFT layout (facts from PEFT's ``save_and_load.py`` and its tuner layers)::
 Only safetensors is read or written: no load path unpickles anything. A directory holding only PEFT's legacy
 ``adapter_model.bin`` is refused with the two lines that convert it.
 
-Every file is written to a temporary name in its directory and renamed over the target, so a save that fails
-or is killed half-way leaves the previous files intact.
+A save first writes every file to a temporary name in the target directory, then renames them over the old
+ones, so a save that fails or is killed while writing leaves the previous files intact.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ __all__ = ["save_adapter", "load_adapter", "save_merged", "CONFIG_NAME", "WEIGHT
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _LEGACY_WEIGHTS = "adapter_model.bin"
+_INDEX = "model.safetensors.index.json"
 _PREFIX = "base_model.model."
 
 # Tensor-key suffixes, per method and site kind: (key of A or l, key of B).
@@ -83,32 +84,40 @@ _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 # ------------------------------------------------------------------------------------------------ atomic IO
 
 
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it over ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".fxpeft-tmp-", suffix="-" + os.path.basename(path), dir=directory)
-    os.close(fd)
+def _commit(directory: str, files: list[tuple[str, Callable[[str], None]]]) -> None:
+    """Write every ``(name, write)`` to a temporary file in ``directory``, then rename them all into place.
+
+    A failure (or a kill) while writing leaves every previous file as it was; only the renames, which are
+    atomic each, touch the real names. The last file is renamed last (an index or config goes there).
+    """
+    done: list[tuple[str, str]] = []
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        for name, write in files:
+            fd, tmp = tempfile.mkstemp(prefix=".fxpeft-tmp-", suffix="-" + name, dir=directory)
+            os.close(fd)
+            done.append((tmp, os.path.join(directory, name)))
+            write(tmp)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for tmp, _ in done:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         raise
+    for tmp, final in done:
+        os.replace(tmp, final)
 
 
-def _write_text(path: str, text: str) -> None:
-    def write(tmp):
+def _text_writer(text: str) -> Callable[[str], None]:
+    def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
 
-    _atomic_write(path, write)
+    return write
 
 
-def _write_tensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+def _tensor_writer(tensors: dict[str, torch.Tensor]) -> Callable[[str], None]:
+    return lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})
 
 
 def _read_tensors(path: str) -> dict[str, torch.Tensor]:
@@ -285,13 +294,19 @@ def save_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_name:
     _warn_dilated(plans, "save_adapter")
     _check_round_trip(config, plans, sites, gm)
 
-    directory = _prepare_dir(directory)
-    _write_tensors(os.path.join(directory, WEIGHTS_NAME), tensors, metadata={"format": "pt"})
-    _write_text(os.path.join(directory, CONFIG_NAME), json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _commit(_prepare_dir(directory), [(WEIGHTS_NAME, _tensor_writer(tensors)),
+                                      (CONFIG_NAME, _text_writer(json.dumps(config, indent=2, sort_keys=True) + "\n"))])
+
+
+def _model_class(gm: fx.GraphModule) -> str | None:
+    """The traced model's class name (recorded by :func:`fxpeft.trace`; else read off the graph's class)."""
+    cls = getattr(gm, "meta", {}).get("fxpeft_model_class")
+    name = type(gm).__name__
+    return cls or (name.removesuffix("Graph") if name.endswith("Graph") else None)
 
 
 def _task_type(gm: fx.GraphModule) -> str | None:
-    cls = type(gm).__name__.removesuffix("Graph")
+    cls = _model_class(gm) or ""
     return "CAUSAL_LM" if cls.endswith(("ForCausalLM", "LMHeadModel")) else None
 
 
@@ -765,8 +780,8 @@ def save_merged(merged_gm: fx.GraphModule, directory: str | os.PathLike, max_sha
     config_text = None
     if hf_config is not None:
         hf_config = copy.deepcopy(hf_config)
-        cls = type(merged_gm).__name__.removesuffix("Graph")
-        if not getattr(hf_config, "architectures", None) and cls != type(merged_gm).__name__:
+        cls = _model_class(merged_gm)
+        if not getattr(hf_config, "architectures", None) and cls:
             hf_config.architectures = [cls]
         head = getattr(merged_gm, "meta", {}).get("fxpeft_output_head") or ""
         if getattr(hf_config, "tie_word_embeddings", False) and f"{head}.weight" in state and not aliases.get(f"{head}.weight"):
@@ -775,40 +790,19 @@ def save_merged(merged_gm: fx.GraphModule, directory: str | os.PathLike, max_sha
                           "tie_word_embeddings=False so transformers keeps the merged head")
         config_text = hf_config.to_json_string(use_diff=True)
 
+    plan = [(f, _tensor_writer(shard)) for f, shard in zip(files, shards)]
+    if len(files) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": {n: f for f, shard in zip(files, shards) for n in sorted(shard)}}
+        plan.append((_INDEX, _text_writer(json.dumps(index, indent=2, sort_keys=True) + "\n")))
+    if config_text is not None:
+        plan.insert(0, ("config.json", _text_writer(config_text)))
     directory = _prepare_dir(directory)
-    index_path = os.path.join(directory, "model.safetensors.index.json")
-    # Phase 1: every file to a temporary name (a failure here leaves the previous save untouched) ...
-    written: list[tuple[str, str]] = []
-    try:
-        for fname, shard in zip(files, shards):
-            fd, tmp = tempfile.mkstemp(prefix=".fxpeft-tmp-", suffix="-" + fname, dir=directory)
-            os.close(fd)
-            written.append((tmp, os.path.join(directory, fname)))
-            save_file(shard, tmp, metadata={"format": "pt"})
-        extra = []
-        if len(files) > 1:
-            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                     "weight_map": {n: f for f, shard in zip(files, shards) for n in sorted(shard)}}
-            extra.append((json.dumps(index, indent=2, sort_keys=True) + "\n", index_path))
-        if config_text is not None:
-            extra.append((config_text, os.path.join(directory, "config.json")))
-        for text, final in extra:
-            fd, tmp = tempfile.mkstemp(prefix=".fxpeft-tmp-", suffix="-" + os.path.basename(final), dir=directory)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            written.append((tmp, final))
-    except BaseException:
-        for tmp, _ in written:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        raise
-    # ... phase 2: rename them all into place (the index last), then drop shards of an earlier, different save.
-    for tmp, final in written:
-        os.replace(tmp, final)
-    keep = set(files) | ({"model.safetensors.index.json"} if len(files) > 1 else set())
+    _commit(directory, plan)
+    # Drop the shards of an earlier, differently sharded save (after the new files are in place).
+    keep = set(files) | ({_INDEX} if len(files) > 1 else set())
     for fname in os.listdir(directory):
-        stale = re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", fname) or fname in (
-            "model.safetensors", "model.safetensors.index.json")
+        stale = re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", fname) or fname in ("model.safetensors", _INDEX)
         if stale and fname not in keep:
             os.unlink(os.path.join(directory, fname))
     return files
