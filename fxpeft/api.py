@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 import tempfile
+import warnings
 from typing import Any
 
 import torch
@@ -37,14 +38,45 @@ class _DefaultsCodeGen(_PyTreeCodeGen):
         return head + sep + rest
 
 
-def _auto_dynamic_shapes(args: tuple, kwargs: dict) -> tuple:
-    """Every dim of every tensor input is ``Dim.AUTO``: dynamic unless the model pins it (e.g. channels)."""
+def _auto_dynamic_shapes(args: tuple, kwargs: dict, dims: str = "all") -> tuple:
+    """Mark tensor dims ``Dim.AUTO`` (dynamic unless the model pins them, e.g. channels).
+
+    ``dims="all"``: every dim; ``"batch-seq"``: dim 0, and dim 1 of integer (token id) tensors;
+    ``"none"``: fully static.
+    """
 
     def spec(x):
-        return {i: torch.export.Dim.AUTO for i in range(x.dim())} if isinstance(x, torch.Tensor) else None
+        if not isinstance(x, torch.Tensor) or dims == "none":
+            return None
+        if dims == "all":
+            keep = range(x.dim())
+        else:
+            keep = [0, 1] if not x.is_floating_point() else [0]
+        return {i: torch.export.Dim.AUTO for i in keep if i < x.dim()}
 
     # torch.export matches a tuple of specs to the args, then the kwargs in call order.
     return tuple(pytree.tree_map(spec, a) for a in args) + tuple(pytree.tree_map(spec, v) for v in kwargs.values())
+
+
+def _export_program(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, strict: bool):
+    """torch.export with every dim dynamic; if the model cannot be traced that generally (a kernel bigger
+    than a symbolic image, say), retry with batch/sequence dims only, then static, and warn."""
+    if dynamic_shapes is not None:
+        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+    first_error = None
+    for dims in ("all", "batch-seq", "none"):
+        try:
+            ep = torch.export.export(model, args, kwargs, dynamic_shapes=_auto_dynamic_shapes(args, kwargs, dims),
+                                     strict=strict)
+        except Exception as e:
+            first_error = first_error or e
+            continue
+        if dims != "all":
+            warnings.warn(f"trace: {type(model).__name__} could not be exported with every input dim dynamic "
+                          f"({type(first_error).__name__}: {str(first_error).splitlines()[0][:200]}); "
+                          f"traced with {'batch/sequence dims dynamic' if dims == 'batch-seq' else 'static shapes'}")
+        return ep
+    raise first_error
 
 
 def _record(gm: fx.GraphModule, model: nn.Module, dialect: str) -> None:
@@ -67,8 +99,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, strict:
         for m in model.modules():
             if isinstance(m, nn.modules.dropout._DropoutNd):
                 m.train()
-        ep = torch.export.export(model, args, kwargs, dynamic_shapes=_auto_dynamic_shapes(args, kwargs) if dynamic_shapes is None else dynamic_shapes,
-                                 strict=strict)
+        ep = _export_program(model, args, kwargs, dynamic_shapes, strict)
     except Exception as e:  # torch.export raises many types; the user needs one clear one
         first = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
         raise TraceError(
@@ -176,7 +207,7 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, dyn
     return gm
 
 
-def rewrite(gm: fx.GraphModule, config: Any, adapter_name: str = "default") -> fx.GraphModule:
+def rewrite(gm: fx.GraphModule, config: Any, adapter_name: str = "default", *, fuse: bool = True) -> fx.GraphModule:
     """Insert adapters into ``gm`` in place and freeze every base parameter.
 
     Atomic: every check runs before the graph changes, so on error ``gm`` is exactly as it was.
@@ -185,6 +216,9 @@ def rewrite(gm: fx.GraphModule, config: Any, adapter_name: str = "default") -> f
         gm: a graph from :func:`trace`.
         config: :class:`fxpeft.LoraConfig`, :class:`fxpeft.IA3Config`, or another registered method's config.
         adapter_name: key of this adapter.
+        fuse: fuse sibling LoRA sites (sites reading one input, e.g. q/k/v) into one dropout and one LoRA-A
+            matmul (:class:`fxpeft.passes.fuse.FuseLoraSiblings`): faster, and siblings share one dropout mask.
+            Parameters and saved files stay per site. ``fuse=False`` keeps one chain (and mask) per site.
 
     Returns:
         ``gm``, rewritten.
@@ -199,9 +233,11 @@ def rewrite(gm: fx.GraphModule, config: Any, adapter_name: str = "default") -> f
         >>> sorted(n for n, p in gm.named_parameters() if p.requires_grad)
         ['0.lora_default.A', '0.lora_default.B']
     """
+    from .passes.fuse import FuseLoraSiblings
     from .passes.inject import InjectAdapter
 
-    return InjectAdapter(config, adapter_name)(gm).graph_module
+    gm = InjectAdapter(config, adapter_name)(gm).graph_module
+    return FuseLoraSiblings(adapter_names=(adapter_name,))(gm).graph_module if fuse else gm
 
 
 def merge(gm: fx.GraphModule, adapter_names: list[str] | None = None) -> fx.GraphModule:
@@ -254,9 +290,7 @@ def export(gm: nn.Module, path: str | os.PathLike, args: tuple = (), kwargs: dic
     was_training = gm.training
     gm.eval()
     try:
-        ep = torch.export.export(gm, tuple(args), kwargs,
-                                 dynamic_shapes=_auto_dynamic_shapes(tuple(args), kwargs) if dynamic_shapes is None else dynamic_shapes,
-                                 strict=strict)
+        ep = _export_program(gm, tuple(args), kwargs, dynamic_shapes, strict)
     finally:
         gm.train(was_training)
     path = os.fspath(path)

@@ -45,7 +45,7 @@ def assert_unchanged(gm: torch.nn.Module, snap: tuple[str, dict]) -> None:
     now = gm.state_dict()
     assert now.keys() == state.keys()
     for k, v in state.items():
-        assert torch.equal(now[k], v), k
+        torch.testing.assert_close(now[k], v, rtol=0, atol=0, equal_nan=True, msg=k)
 
 
 def peft_counts(model: torch.nn.Module, peft_config) -> tuple[int, int]:

@@ -1,0 +1,122 @@
+"""Bad input: each is a clear, typed error, and the graph is left exactly as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_unchanged, snapshot
+
+import fxpeft
+from fxpeft import zoo
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model, _, kwargs = zoo.tiny_llama(layers=1)
+    return model, kwargs
+
+
+def _fresh(llama):
+    model, kwargs = llama
+    return fxpeft.trace(model, kwargs=kwargs)
+
+
+def test_target_matching_nothing_names_it_and_lists_candidates(llama):
+    gm = _fresh(llama)
+    snap = snapshot(gm)
+    with pytest.raises(fxpeft.TargetError, match=r"'q_prj'.*Did you mean.*q_proj"):
+        fxpeft.rewrite(gm, fxpeft.LoraConfig(target_modules=["q_proj", "q_prj"]))
+    assert_unchanged(gm, snap)
+    with pytest.raises(fxpeft.TargetError, match="matches no targetable site"):
+        fxpeft.rewrite(gm, fxpeft.LoraConfig(target_modules=r"nothing\..*"))
+    assert_unchanged(gm, snap)
+
+
+def test_target_naming_a_non_site_module_says_so(llama):
+    gm = _fresh(llama)
+    with pytest.raises(fxpeft.TargetError, match="input_layernorm.*applies no linear/conv/embedding"):
+        fxpeft.rewrite(gm, fxpeft.LoraConfig(target_modules=["input_layernorm"]))
+
+
+@pytest.mark.parametrize("bad", [dict(r=0), dict(r=-2), dict(r=2.5), dict(rank_pattern={"q_proj": 0}),
+                                 dict(lora_dropout=1.0), dict(init_lora_weights="pissa"), dict(use_dora=True),
+                                 dict(bias="all")])
+def test_bad_lora_config(llama, bad):
+    gm = _fresh(llama)
+    snap = snapshot(gm)
+    with pytest.raises(fxpeft.ConfigError):
+        fxpeft.rewrite(gm, fxpeft.LoraConfig(target_modules=["q_proj"], **bad))
+    assert_unchanged(gm, snap)
+
+
+def test_unsupported_site_kind(llama):
+    gm = _fresh(llama)
+    snap = snapshot(gm)
+    with pytest.raises(fxpeft.UnsupportedSiteError, match="embed_tokens.*IA3"):
+        fxpeft.rewrite(gm, fxpeft.IA3Config(target_modules=["q_proj", "embed_tokens"]))
+    assert_unchanged(gm, snap)
+    grouped = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, groups=2), torch.nn.Conv2d(8, 8, 1))
+    g2 = fxpeft.trace(grouped, (torch.randn(1, 4, 8, 8),))
+    snap = snapshot(g2)
+    with pytest.raises(fxpeft.UnsupportedSiteError, match="grouped convolution"):
+        fxpeft.rewrite(g2, fxpeft.LoraConfig(r=2, target_modules=["0", "1"]))
+    assert_unchanged(g2, snap)
+
+
+def test_double_rewrite_and_method_mixing(llama):
+    gm = _fresh(llama)
+    fxpeft.rewrite(gm, fxpeft.LoraConfig(r=2, target_modules=["q_proj"]))
+    snap = snapshot(gm)
+    with pytest.raises(fxpeft.AdapterExistsError, match="already holds adapter 'default'"):
+        fxpeft.rewrite(gm, fxpeft.LoraConfig(r=2, target_modules=["v_proj", "q_proj"]))
+    assert_unchanged(gm, snap)
+    with pytest.raises(fxpeft.AdapterExistsError, match="mixing lora and ia3"):
+        fxpeft.rewrite(gm, fxpeft.IA3Config(target_modules=["q_proj"]), adapter_name="other")
+    assert_unchanged(gm, snap)
+    with pytest.raises(fxpeft.ConfigError, match="identifier"):
+        fxpeft.rewrite(gm, fxpeft.LoraConfig(r=2, target_modules=["v_proj"]), adapter_name="a.b")
+    assert_unchanged(gm, snap)
+
+
+def test_nan_adapter_at_merge_changes_nothing(llama):
+    gm = _fresh(llama)
+    fxpeft.rewrite(gm, fxpeft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    bad = next(a for a in fxpeft.adapters(gm).values() if a.site_name.endswith("v_proj"))
+    with torch.no_grad():
+        bad.B[0, 0] = float("nan")
+    snap = snapshot(gm)
+    with pytest.raises(fxpeft.MergeError, match="v_proj.*non-finite"):
+        fxpeft.merge(gm)
+    assert_unchanged(gm, snap)  # q_proj (checked first, and fine) was not merged either
+    assert len(fxpeft.adapters(gm)) == 2
+
+
+def test_untraceable_model_both_routes():
+    class DataDependent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            if x.sum() > 0:  # Python control flow on tensor data
+                return self.lin(x)
+            return -self.lin(x)
+
+    with pytest.raises(fxpeft.TraceError, match="(?s)symbolic_trace.*example inputs"):
+        fxpeft.trace(DataDependent())
+    with pytest.raises(fxpeft.TraceError, match=r"(?s)torch.export could not capture DataDependent.*Try:"):
+        fxpeft.trace(DataDependent(), (torch.randn(2, 4),), strict=True)
+    with pytest.raises(fxpeft.TraceError, match="takes an nn.Module"):
+        fxpeft.trace(lambda x: x)
+
+
+def test_unknown_config_type(llama):
+    gm = _fresh(llama)
+    with pytest.raises(fxpeft.ConfigError, match="not a registered method config"):
+        fxpeft.rewrite(gm, {"r": 8})
+
+
+def test_missing_target_modules_without_default():
+    gm = fxpeft.trace(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    with pytest.raises(fxpeft.TargetError, match="target_modules is not set"):
+        fxpeft.rewrite(gm, fxpeft.LoraConfig(r=2))
