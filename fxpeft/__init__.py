@@ -25,17 +25,21 @@ from .errors import (
     AdapterExistsError,
     AdapterFileError,
     ConfigError,
+    DrawError,
     FxPeftError,
+    GraphvizNotFoundError,
     MergeError,
     TargetError,
     TraceError,
     UnsupportedSiteError,
 )
+from .graph import to_networkx
 from .io import load_adapter, save_adapter, save_merged
 from .passes.ia3 import IA3Config
 from .passes.lora import LoraConfig
 from .registry import AdapterModule, Method, PeftRegistry
 from .sites import Site, find_sites, list_sites
+from .viz import draw
 
 __version__ = "0.1.0"
 
@@ -50,6 +54,8 @@ __all__ = [
     "adapters",
     "list_sites",
     "find_sites",
+    "draw",
+    "to_networkx",
     "Site",
     "get_nb_trainable_parameters",
     "print_trainable_parameters",
@@ -66,4 +72,6 @@ __all__ = [
     "AdapterExistsError",
     "MergeError",
     "AdapterFileError",
+    "DrawError",
+    "GraphvizNotFoundError",
 ]

@@ -11,6 +11,8 @@ __all__ = [
     "AdapterExistsError",
     "MergeError",
     "AdapterFileError",
+    "DrawError",
+    "GraphvizNotFoundError",
 ]
 
 
@@ -44,3 +46,19 @@ class MergeError(FxPeftError, RuntimeError):
 
 class AdapterFileError(FxPeftError, ValueError):
     """An adapter directory or file is missing, corrupt or does not fit the graph."""
+
+
+class DrawError(FxPeftError, ValueError):
+    """:func:`fxpeft.draw` got something it cannot draw (an unknown file type, a ``before=`` that is no snapshot)."""
+
+
+class GraphvizNotFoundError(FxPeftError, RuntimeError):
+    """Graphviz's ``dot`` program is not installed; the graph's ``.dot`` source was written instead.
+
+    Attributes:
+        dot_path: where the DOT source was written (render it later with ``dot -Tsvg FILE.dot -o FILE.svg``).
+    """
+
+    def __init__(self, message: str, dot_path: str | None = None) -> None:
+        super().__init__(message)
+        self.dot_path = dot_path
