@@ -181,13 +181,19 @@ def _short_keys(wanted: dict[str, Any], universe: dict[str, Any]) -> list[str]:
     A suffix is usable for a name when every name of ``universe`` it matches (PEFT's list rule) carries the
     same value as that name. Returns keys in the order their names come.
     """
+    matched_by: dict[str, list[str]] = {}
+    for n in universe:
+        for suf in _suffixes(n):
+            matched_by.setdefault(suf, []).append(n)
     keys: list[str] = []
+    covered: set[str] = set()
     for name, value in wanted.items():
-        if any(_target_match([k], name) for k in keys):
+        if name in covered:
             continue
         for suf in _suffixes(name):
-            if all(v == value for n, v in universe.items() if _target_match([suf], n)):
+            if all(universe[n] == value for n in matched_by.get(suf, ())):
                 keys.append(suf)
+                covered.update(matched_by.get(suf, ()))
                 break
     return keys
 
@@ -636,15 +642,12 @@ def load_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_name:
     _warn_dilated(plans, "load_adapter")
 
     if method == "lora":
-        r = config.get("r", 8)
-        alpha = config.get("lora_alpha", 8)
-        by_len = sorted(plans, key=len, reverse=True)  # a longer name first: its key never shadows another's
+        # fxpeft's rank/alpha patterns follow PEFT's rule, so they pass through; the sites are named exactly.
         fx_config = LoraConfig(
-            r=r, lora_alpha=alpha, lora_dropout=float(config.get("lora_dropout") or 0.0),
-            target_modules=_exact_regex(plans), use_rslora=bool(config.get("use_rslora", False)),
-            init_lora_weights=True,
-            rank_pattern={re.escape(n): plans[n].r for n in by_len if plans[n].r != r},
-            alpha_pattern={re.escape(n): plans[n].alpha for n in by_len if plans[n].alpha != alpha},
+            r=config.get("r", 8), lora_alpha=config.get("lora_alpha", 8),
+            lora_dropout=float(config.get("lora_dropout") or 0.0), target_modules=_exact_regex(plans),
+            use_rslora=bool(config.get("use_rslora", False)), init_lora_weights=True,
+            rank_pattern=dict(config.get("rank_pattern") or {}), alpha_pattern=dict(config.get("alpha_pattern") or {}),
             fan_in_fan_out=bool(config.get("fan_in_fan_out", False)))
     else:
         ff = [n for n, p in plans.items() if p.feedforward]
