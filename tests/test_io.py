@@ -78,6 +78,8 @@ CASES = [
     Case("llama-embedding-rslora-patterns", "llama", _lora(
         target_modules=["embed_tokens", "q_proj", "v_proj"], use_rslora=True,
         rank_pattern={"layers.1.self_attn.q_proj": 2, "v_proj": 6}, alpha_pattern={"embed_tokens": 3, "v_proj": 5})),
+    Case("llama-regex-exclude", "llama", _lora(target_modules=r".*\.(q_proj|v_proj|down_proj)",
+                                               exclude_modules=["layers.0.self_attn.v_proj"])),
     Case("gpt2-conv1d", "gpt2", _lora(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)),
     Case("gpt2-tied-embedding", "gpt2", _lora(target_modules=["wte", "c_attn"], fan_in_fan_out=True)),
     Case("bert-query-value", "bert", _lora(target_modules=["query", "value"])),
@@ -181,6 +183,15 @@ def test_symbolic_trace_graph_loads_peft_conv_adapter(tmp_path):
     pm.save_pretrained(str(tmp_path))
     gm = fxpeft.load_adapter(fxpeft.trace(copy.deepcopy(model)), tmp_path)  # fx dialect: no example inputs
     assert rel_err(_run(gm, "cnn"), _run_model(pm, "cnn")) <= 1e-5
+
+
+def test_dilated_conv_lora_round_trips_and_warns_about_peft(tmp_path):
+    gm = fxpeft.rewrite(_graph("cnn"), fxpeft.LoraConfig(r=2, target_modules=["conv2"], init_lora_weights=False))
+    with pytest.warns(UserWarning, match="dilation"):
+        fxpeft.save_adapter(gm, tmp_path)
+    with pytest.warns(UserWarning, match="dilation"):
+        again = fxpeft.load_adapter(_graph("cnn"), tmp_path)
+    assert torch.equal(_run(again, "cnn"), _run(gm, "cnn"))
 
 
 def test_named_adapters_are_saved_one_at_a_time(tmp_path):
