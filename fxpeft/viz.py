@@ -154,10 +154,22 @@ def _union_diff(before: nx.DiGraph, after: nx.DiGraph) -> nx.DiGraph:
         ids[n] = n if n not in g else f"{n} (before)"
         # Order a removed node right after the last kept node that preceded it, so it is drawn where it was.
         g.add_node(ids[n], **dict(before.nodes[n], diff="removed", order=last + 1e-3 * (k + 1) / (len(before) + 1)))
+    for u, v in g.edges:  # an edge is new if it joins a new node or rewires two old ones
+        g.edges[u, v]["diff"] = None if u in same and v in same and before.has_edge(u, v) else "added"
     for u, v in before.edges:
-        if (u not in same or v not in same) and ids[u] in g and ids[v] in g:
-            g.add_edge(ids[u], ids[v])
+        if not (u in same and v in same and after.has_edge(u, v)) and ids[u] in g and ids[v] in g:
+            g.add_edge(ids[u], ids[v], diff="removed")
     return g
+
+
+def _worse(a: str | None, b: str | None) -> str | None:
+    """Combine the diff marks along one path: removed beats added beats unchanged."""
+    return "removed" if "removed" in (a, b) else "added" if "added" in (a, b) else None
+
+
+def _better(a: str | None, b: str | None) -> str | None:
+    """Combine the diff marks of two paths between the same ends: unchanged beats added beats removed."""
+    return None if None in (a, b) else "added" if "added" in (a, b) else "removed"
 
 
 def _hidden(g: nx.DiGraph, compact: bool) -> set[str]:
@@ -193,7 +205,7 @@ def _hidden(g: nx.DiGraph, compact: bool) -> set[str]:
 class _Scene:
     g: nx.DiGraph
     drawn: list[str]  # FX node names that are drawn, in graph order
-    edges: dict[tuple[str, str], set[tuple[str, bool]]]  # (src, dst) -> {(label, worth printing)}
+    edges: dict[tuple[str, str], set[tuple[str, bool, str | None]]]  # (src, dst) -> {(label, worth printing, diff)}
     params: dict[str, list[tuple]]  # drawn node -> shapes of the parameters it reads
     root: _Cluster
     cluster_of: dict[str, _Cluster]
@@ -240,18 +252,21 @@ def _size_only_groups(g: nx.DiGraph, drawn: list[str], sources: dict[str, set[st
 def _scene(g: nx.DiGraph, compact: bool) -> _Scene:
     hide = _hidden(g, compact)
     order = sorted(g, key=lambda n: g.nodes[n]["order"])
-    memo: dict[str, set[str]] = {}
+    memo: dict[str, dict[str, str | None]] = {}
 
-    def sources(n: str) -> set[str]:  # the drawn nodes whose data a node's value comes from
+    def sources(n: str) -> dict[str, str | None]:
+        """The drawn nodes whose data ``n``'s value comes from, each with the diff mark of the path from it."""
         if n not in hide:
-            return {n}
+            return {n: None}
         if n not in memo:
             d = g.nodes[n]
+            memo[n] = {}
             # A parameter is shown on its reader; a size (SymInt) is shape bookkeeping, not data flow.
-            if d["op"] == "get_attr" or d["value"] == "scalar" or not g.in_degree(n):
-                memo[n] = set()
-            else:
-                memo[n] = set().union(*(sources(p) for p in g.predecessors(n)))
+            if d["op"] != "get_attr" and d["value"] != "scalar":
+                for p in g.predecessors(n):
+                    for src, mark in sources(p).items():
+                        mark = _worse(mark, g.edges[p, n].get("diff"))
+                        memo[n][src] = _better(memo[n][src], mark) if src in memo[n] else mark
         return memo[n]
 
     def params_of(n: str) -> list[tuple]:  # parameters read directly or through hidden views (W.t()), in arg order
@@ -273,7 +288,7 @@ def _scene(g: nx.DiGraph, compact: bool) -> _Scene:
 
     drawn = [n for n in order if n not in hide]
     params = {v: params_of(v) for v in drawn}
-    srcs = {v: set().union(*(sources(p) for p in g.predecessors(v))) if g.in_degree(v) else set() for v in drawn}
+    srcs = {v: {x for p in g.predecessors(v) for x in sources(p)} for v in drawn}
     if compact:
         _size_only_groups(g, drawn, srcs, {v for v in drawn if params[v]})
 
@@ -290,9 +305,10 @@ def _scene(g: nx.DiGraph, compact: bool) -> _Scene:
         return None
 
     fmt = _ShapeFmt()
-    edges: dict[tuple[str, str], set[tuple[str, bool]]] = defaultdict(set)
+    edges: dict[tuple[str, str], set[tuple[str, bool, str | None]]] = defaultdict(set)
     for v in drawn:
         for p in g.predecessors(v):
+            edge_mark = g.edges[p, v].get("diff")
             d = g.nodes[p]
             label = fmt(d["shape"]) if d["shape"] is not None and d["value"] == "tensor" else ""
             if label and d["dtype"] and d["dtype"] != usual:
@@ -300,10 +316,10 @@ def _scene(g: nx.DiGraph, compact: bool) -> _Scene:
             # Worth printing where the shape changes, where data enters, and along an adapter.
             telling = (d["op"] == "placeholder" or d["shape"] != in_shape(p) or bool(d["adapter"])
                        or bool(g.nodes[v]["adapter"]) or label.endswith(tuple(f" {t}" for t in _DTYPE_NAMES)))
-            for s in sources(p):
-                a, b = shown(s), shown(v)
+            for src, mark in sources(p).items():
+                a, b = shown(src), shown(v)
                 if a != b:
-                    edges[(a, b)].add((label, telling))
+                    edges[(a, b)].add((label, telling, _worse(mark, edge_mark)))
     drawn = list(dict.fromkeys(shown(n) for n in drawn))
     params = {shown(n): p for n, p in params.items() if p}
     if compact:  # a node with no drawn edge at all (an unused arange) says nothing
@@ -731,33 +747,34 @@ class _Dot:
         legend_at = len(self.lines)  # filled in last: drawing the nodes may name more dim aliases
         self.emit_cluster(s.root, "  ")
         drawn_ids = {self.node_id(n) for n in s.drawn}
-        seen: dict[tuple[str, str], set[str]] = defaultdict(set)
-        kinds: dict[tuple[str, str], set] = defaultdict(set)
-        for (a, b), labels in s.edges.items():
+        labels_of: dict[tuple[str, str], set[str]] = defaultdict(set)
+        marks: dict[tuple[str, str], str | None] = {}
+        method_of: dict[tuple[str, str], str] = {}
+        for (a, b), found in s.edges.items():
             ia, ib = self.node_id(a), self.node_id(b)
             if ia == ib or ia not in drawn_ids or ib not in drawn_ids:
                 continue
             crossing = self.box_of.get(a, s.cluster_of[a]) is not self.box_of.get(b, s.cluster_of[b])
-            seen[(ia, ib)] |= {lab for lab, telling in labels if lab and (telling or crossing or self.shapes == "all")}
+            labels_of[(ia, ib)] |= {lab for lab, telling, _ in found
+                                    if lab and (telling or crossing or self.shapes == "all")}
+            for _, _, mark in found:  # one drawn edge for many: it exists unchanged if any of them does
+                marks[(ia, ib)] = _better(marks[(ia, ib)], mark) if (ia, ib) in marks else mark
             da, db = g.nodes[a], g.nodes[b]
-            kinds[(ia, ib)].add(da.get("diff") or db.get("diff"))
-            if da["adapter"] and (db["adapter"] or db.get("diff")) or (db["adapter"] and db["adapter"]["role"] != "out" and da["adapter"]):
-                kinds[(ia, ib)].add(("adapter", da["adapter"]["method"]))
-        for (ia, ib), labels in seen.items():
+            # Data flowing through an adapter takes its colour; the base output into the "out" add does not.
+            if db["adapter"] and (da["adapter"] or db["adapter"]["role"] != "out") and ib == b:
+                method_of[(ia, ib)] = db["adapter"]["method"]
+        for key, mark in marks.items():
             attrs: dict[str, Any] = {}
-            lab = sorted(labels)
+            lab = sorted(labels_of[key])
             if self.shapes and lab:
                 attrs["label"] = lab[0] if len(lab) == 1 else f"{lab[0]} (+{len(lab) - 1})"
-            k = kinds[(ia, ib)]
-            if "removed" in k:
+            if mark == "removed":
                 attrs.update(color=_REMOVED, style="dashed")
-            elif "added" in k:
+            elif mark == "added":
                 attrs.update(color=_ADDED)
-            else:
-                for x in k:
-                    if isinstance(x, tuple):
-                        attrs.update(color=_method_colors(x[1], self.methods)[1])
-            self.lines.append(f"  {_q(ia)} -> {_q(ib)} {_attrs(**attrs) if attrs else ''}".rstrip())
+            elif key in method_of:
+                attrs.update(color=_method_colors(method_of[key], self.methods)[1])
+            self.lines.append(f"  {_q(key[0])} -> {_q(key[1])} {_attrs(**attrs) if attrs else ''}".rstrip())
         self.lines.insert(legend_at, "  " + self.legend())
         self.lines.append("}")
         return "\n".join(self.lines) + "\n"
