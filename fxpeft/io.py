@@ -34,6 +34,7 @@ import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
@@ -41,7 +42,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import fx, nn
 
-from .errors import AdapterFileError
+from .errors import AdapterFileError, TargetError
+from .passes.lora import _pattern_value  # PEFT's rank/alpha_pattern rule
 from .registry import AdapterModule
 from .sites import Site, find_sites
 
@@ -146,14 +148,6 @@ def _target_match(spec: list[str] | str, name: str) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
     return name in spec or any(name.endswith(f".{t}") for t in spec)
-
-
-def _pattern_value(pattern: dict[str, Any], name: str, default: Any) -> Any:
-    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the first key with ``(.*\\.)?(key)$`` matching."""
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
 
 
 def _ff_match(spec: list[str] | str | None, name: str) -> bool:
@@ -316,7 +310,7 @@ def _task_type(gm: fx.GraphModule) -> str | None:
     return "CAUSAL_LM" if cls.endswith(("ForCausalLM", "LMHeadModel")) else None
 
 
-def _base_config(gm: fx.GraphModule, sites: dict[str, Site], plans: dict[str, _Plan], universe: set[str],
+def _base_config(gm: fx.GraphModule, plans: dict[str, _Plan], universe: set[str],
                  targeted: dict[str, Any]) -> dict[str, Any]:
     everything = {n: targeted.get(n, None) for n in universe}
     return {
@@ -350,7 +344,7 @@ def _lora_export(gm, mods, sites, universe):
     r = Counter(p.r for p in plans.values()).most_common(1)[0][0]
     alpha = Counter(p.alpha for p in plans.values()).most_common(1)[0][0]
     dropouts = [getattr(getattr(m, "dropout", None), "p", 0.0) for m in mods.values()]
-    config = {"peft_type": "LORA", **_base_config(gm, sites, plans, universe, {n: True for n in plans}),
+    config = {"peft_type": "LORA", **_base_config(gm, plans, universe, {n: True for n in plans}),
               "r": r, "lora_alpha": alpha, "lora_dropout": Counter(dropouts).most_common(1)[0][0],
               "use_rslora": rslora.pop(), "init_lora_weights": True, "bias": "none", "use_dora": False,
               "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
@@ -376,7 +370,7 @@ def _ia3_export(gm, mods, sites, universe):
         tensors[f"{_PREFIX}{name}.{_IA3_KEY}"] = _tensor(m.l, shape)
     # Each target key covers sites of one kind (feed-forward or not), so the feed-forward keys are a subset
     # of target_modules (PEFT requires it).
-    config = {"peft_type": "IA3", **_base_config(gm, sites, plans, universe, {n: p.feedforward for n, p in plans.items()}),
+    config = {"peft_type": "IA3", **_base_config(gm, plans, universe, {n: p.feedforward for n, p in plans.items()}),
               "init_ia3_weights": True}
     config["feedforward_modules"] = [k for k in config["target_modules"]
                                      if any(p.feedforward for n, p in plans.items() if _target_match([k], n))]
@@ -436,6 +430,7 @@ def _check_features(config: dict[str, Any]) -> str:
                 f"the adapter was initialised with init_lora_weights={init!r}, which rewrites the base weights; "
                 "fxpeft loads adapters on the original base only. Convert it to plain LoRA with PEFT first "
                 "(save_pretrained(..., path_initial_model_for_weight_conversion=...))")
+
         def rank(v):
             return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
@@ -458,35 +453,17 @@ def _check_features(config: dict[str, Any]) -> str:
 
 def _resolve(config: dict[str, Any], sites: dict[str, Site], gm: fx.GraphModule) -> dict[str, _Plan]:
     """Which sites the config adapts, with what, under PEFT's rules; raises when it targets what the graph lacks."""
-    from .passes.inject import output_heads
+    from .passes.inject import select_sites
 
     method = config["peft_type"].lower()
     targets = config.get("target_modules")
     if targets is None:
         raise AdapterFileError(f"{CONFIG_NAME} has no target_modules; fxpeft needs them to know what to adapt")
-    if isinstance(targets, str) and targets.lower() in ("all-linear", "all_linear"):
-        heads = output_heads(gm, sites)
-        chosen = [s for s in sites.values() if s.kind == "linear" and s.name not in heads]
-    else:
-        if isinstance(targets, str):
-            try:
-                re.compile(targets)
-            except re.error as e:
-                raise AdapterFileError(f"{CONFIG_NAME}: target_modules regex {targets!r} does not compile: {e}") from None
-        else:
-            targets = list(targets)
-            missing = [t for t in targets if not any(_target_match([t], n) for n in sites)]
-            if missing:
-                raise AdapterFileError(
-                    f"{CONFIG_NAME} targets modules this graph does not have: {missing[:5]}. Is it the adapter of "
-                    "another architecture? fxpeft.list_sites(gm) lists the graph's sites")
-        chosen = [s for s in sites.values() if _target_match(targets, s.name)]
-    excl = config.get("exclude_modules")
-    if excl:
-        chosen = [s for s in chosen if not _target_match(excl, s.name)]
-    if not chosen:
-        raise AdapterFileError(f"{CONFIG_NAME} target_modules={targets!r} matches no site of this graph; is it the "
-                               "adapter of another architecture? fxpeft.list_sites(gm) lists the graph's sites")
+    try:  # fxpeft's own targeting follows PEFT's rules (list suffixes, full-match regex, "all-linear")
+        chosen = select_sites(gm, SimpleNamespace(target_modules=targets, exclude_modules=config.get("exclude_modules")),
+                              method, sites)
+    except TargetError as e:
+        raise AdapterFileError(f"{CONFIG_NAME} does not fit this graph (the adapter of another architecture?): {e}") from e
     plans = {}
     for s in chosen:
         if method == "lora":
@@ -669,7 +646,7 @@ def load_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_name:
         changed = []
         for name, t in base.items():
             p = gm.get_parameter(name)
-            if not torch.equal(t.to(p.dtype), p):
+            if not torch.equal(t.to(device=p.device, dtype=p.dtype), p):
                 p.copy_(t)
                 changed.append(name)
     if changed:

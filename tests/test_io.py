@@ -375,7 +375,7 @@ BREAKERS = {
     "corrupt-config": (lambda d: (d / CONFIG_NAME).write_text('{"peft_type": "LORA", "r": '), "not valid JSON"),
     "no-config": (lambda d: os.unlink(d / CONFIG_NAME), "no adapter_config.json"),
     "targets-missing-module": (_edit_config(target_modules=["q_proj", "v_proj", "qkv_proj"]),
-                               r"does not have: \['qkv_proj'\]"),
+                               r"another architecture.*'qkv_proj' matches no targetable site"),
     "unsupported-peft-type": (_edit_config(peft_type="LOHA"), "unsupported peft_type 'LOHA'"),
     "dora": (_edit_config(use_dora=True), "DoRA"),
     "lora-bias": (_edit_config(lora_bias=True), "lora_bias"),
@@ -407,7 +407,7 @@ def test_wrong_architecture_and_existing_adapter_leave_the_graph_unchanged(tmp_p
     fxpeft.save_adapter(src, tmp_path)
     gpt2 = _graph("gpt2")
     snap = snapshot(gpt2)
-    with pytest.raises(fxpeft.AdapterFileError, match="does not have.*another architecture"):
+    with pytest.raises(fxpeft.AdapterFileError, match="another architecture"):
         fxpeft.load_adapter(gpt2, tmp_path)
     assert_unchanged(gpt2, snap)
 
