@@ -350,3 +350,23 @@ def test_lean_subgraph_reads_well():
     roles = [n.meta["fxpeft"]["role"] for n in gm.graph.nodes if "fxpeft" in n.meta]
     assert "dropout" not in roles and "scale" not in roles  # p = 0 and scaling = 1: no nodes for them
     assert "model_layers_0_self_attn_q_proj_lora_B" in gm.code
+
+
+def test_bf16_merge_computes_delta_in_fp32():
+    model, _, kwargs = zoo.tiny_llama()
+    model.to(torch.bfloat16)
+    gm = fxpeft.trace(model, kwargs=kwargs)
+    fxpeft.rewrite(gm, fxpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    assert all(p.dtype == torch.bfloat16 for p in gm.parameters())
+    site = fxpeft.find_sites(gm)["model.layers.0.mlp.down_proj"]
+    adapter = next(a for a in fxpeft.adapters(gm).values() if a.site_name == site.name)
+    w = gm.get_parameter(site.weight)
+    want = (w.float() + adapter.delta_weight(site)).to(torch.bfloat16)  # fp32 delta, one rounding at the end
+    ids = kwargs["input_ids"]
+    with torch.no_grad():
+        unmerged = gm(input_ids=ids).logits.float()
+    fxpeft.merge(gm)
+    assert gm.get_parameter(site.weight).dtype == torch.bfloat16
+    assert torch.equal(gm.get_parameter(site.weight), want)
+    with torch.no_grad():
+        assert rel_err(gm(input_ids=ids).logits.float(), unmerged) <= 2e-2  # bf16 rounding of the weights
