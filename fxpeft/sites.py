@@ -51,7 +51,6 @@ _CONV_OPS = {
 }
 _EMBEDDING_OPS = {aten.embedding.default: (1, 0, 2), F.embedding: (0, 1, 2)}  # (indices, weight, padding_idx)
 _TRANSPOSES = {aten.t.default, torch.t, aten.numpy_T.default}
-_LEAF_CLASSES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding", "Conv1D", "NonDynamicallyQuantizableLinear")
 
 
 @dataclass(frozen=True)
