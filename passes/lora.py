@@ -21,7 +21,7 @@ from fxpeft.errors import ConfigError
 from fxpeft.registry import AdapterModule, Emit, Method, PeftConfigBase, PeftRegistry
 from fxpeft.sites import Call, Site
 
-__all__ = ["LoraConfig", "LoraAdapter", "Lora"]
+__all__ = ["LoraConfig", "LoraAdapter", "LoraDropout", "Lora"]
 
 
 @dataclass
@@ -64,6 +64,28 @@ class LoraConfig(PeftConfigBase):
     use_dora: bool = False
 
 
+class LoraDropout(nn.Dropout):
+    """``nn.Dropout`` with a cheaper mask on the CPU (PyTorch's CPU ``bernoulli_`` costs ~6 ns per element).
+
+    In training on the CPU it draws 16 random bits per element (four per 64-bit draw of the default
+    generator, so ``torch.manual_seed`` reproduces it) and keeps an element when they fall below
+    ``round((1 - p) * 2**16)``: ``p`` is rounded to a multiple of ``2**-16`` (off by at most ``7.7e-6``), and
+    kept elements are scaled by the exact inverse of the keep probability, so the expectation is unchanged.
+    Under ``torch.compile``, on other devices, in eval mode, and for ``p`` that rounds to 0 or 1 it is
+    ``nn.Dropout``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = 65536 - round(self.p * 65536)
+        if (not self.training or self.inplace or x.device.type != "cpu" or not 0 < keep < 65536
+                or torch.compiler.is_compiling()):
+            return super().forward(x)
+        n = x.numel()
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, None).view(torch.int16)[:n]
+        scale = torch.full((), 65536 / keep, dtype=x.dtype)
+        return x * torch.where(bits.view(x.shape) < keep - 32768, scale, torch.zeros((), dtype=x.dtype))
+
+
 class LoraAdapter(AdapterModule):
     """The parameters of one LoRA adapter at one site: ``A``, ``B``, and an optional ``dropout``."""
 
@@ -84,7 +106,7 @@ class LoraAdapter(AdapterModule):
             self.A = nn.Parameter(torch.empty(r, site.in_features, **kw))
             self.B = nn.Parameter(torch.empty(site.out_features, r, **kw))
         if dropout > 0 and site.kind != "embedding":
-            self.dropout = nn.Dropout(dropout)
+            self.dropout = LoraDropout(dropout)
 
     def reset_parameters(self, init: bool | str) -> None:
         with torch.no_grad():

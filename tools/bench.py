@@ -1,0 +1,556 @@
+#!/usr/bin/env python
+"""fxpeft against HF PEFT: the same model, data and LoRA config, measured side by side in one process.
+
+Every measure runs its variants alternately (A B A B ...) after warm-ups, so that drift in the machine's
+speed (other jobs, clock changes) hits both alike. Reported: the median time of each variant, and the
+median of the per-pair ratios fxpeft/PEFT (each pair: two runs next to each other in time).
+
+Measures:
+  rewrite   fxpeft.rewrite on a traced graph vs PEFT's get_peft_model (model construction and trace
+            excluded; trace time reported once per case)
+  train     one LoRA step: forward + loss + backward + AdamW, eager
+  compile   the same step with the model under torch.compile (compile time excluded, reported)
+  infer     unmerged inference (eval, inference_mode)
+  merged    merged inference vs the traced base graph and the HF eager model (eager and compiled)
+  merge     fxpeft.merge vs PEFT's merge_and_unload
+  memory    peak training memory: one fresh process per variant (peak RSS growth over 3 steps, reset with
+            /proc/self/clear_refs after set-up), and the bytes autograd saves for backward (exact, in process)
+
+Cases: ``default`` (tiny Llama, hidden 512, 4 layers, batch 4 x seq 128, LoRA r=16 on all 7 projections,
+lora_dropout 0.0 and 0.1), ``large`` (hidden 1024), ``rewrite32`` (32 layers; rewrite time only), and
+``smoke`` (a 1-layer toy for the test suite).
+
+Usage:
+  python tools/bench.py                    # everything; writes bench.json and bench.md, prints the table
+  python tools/bench.py --quick            # the default case, eager measures only, fewer pairs
+  python tools/bench.py --cases default --measures train --pairs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+warnings.filterwarnings("ignore")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import fxpeft  # noqa: E402
+from fxpeft.zoo import tiny_llama  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_MEASURES = ("rewrite", "train", "compile", "infer", "merged", "merge", "memory")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    layers: int
+    hidden: int
+    batch: int
+    seq: int
+    vocab: int = 256
+    r: int = 16
+    alpha: int = 32
+    dropouts: tuple[float, ...] = (0.0, 0.1)
+    measures: tuple[str, ...] = ALL_MEASURES
+    note: str = ""
+
+
+CASES = {
+    "default": Case("default", 4, 512, 4, 128),
+    "large": Case("large", 4, 1024, 4, 256, measures=("train", "infer", "memory")),
+    "rewrite32": Case("rewrite32", 32, 512, 1, 16, dropouts=(0.1,), measures=("rewrite",)),
+    "smoke": Case("smoke", 1, 64, 2, 16, dropouts=(0.0, 0.1), measures=("rewrite", "train", "infer", "merged", "merge", "memory")),
+}
+
+# (measure, variant ratio key) -> (goal text, predicate on the median ratio)
+GOALS: dict[tuple[str, str], tuple[str, Callable[[float], bool]]] = {
+    ("train", "0.1"): ("≤ 0.85", lambda r: r <= 0.85),
+    ("train", "0.0"): ("≤ 0.95", lambda r: r <= 0.95),
+    ("compile", "0.1"): ("≤ 0.90", lambda r: r <= 0.90),
+    ("compile", "0.0"): ("≤ 0.90", lambda r: r <= 0.90),
+    ("infer", ""): ("≤ 0.95", lambda r: r <= 0.95),
+    ("merged", "graph"): ("1.00 ± 0.03", lambda r: abs(r - 1) <= 0.03),
+    ("merged", "compiled"): ("1.00 ± 0.03", lambda r: abs(r - 1) <= 0.03),
+    ("rewrite", ""): ("≤ 0.50 (32 layers: < 100 ms)", lambda r: r <= 0.5),
+    ("memory", "0.0"): ("≤ 1.0", lambda r: r <= 1.0),
+    ("memory", "0.1"): ("≤ 1.0", lambda r: r <= 1.0),
+}
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+def log(*a) -> None:
+    print(*a, file=sys.stderr, flush=True)
+
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+
+
+def alternate(fns: dict[str, Callable[[], float]], pairs: int, warmup: int) -> dict[str, list[float]]:
+    """Run ``fns`` round-robin, ``warmup`` untimed rounds then ``pairs`` timed ones. Each fn returns seconds."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(pairs):
+            for k, f in fns.items():
+                times[k].append(f())
+    finally:
+        gc.enable()
+    return times
+
+
+def timed(f: Callable[[], Any]) -> Callable[[], float]:
+    def run() -> float:
+        t = time.perf_counter()
+        f()
+        return time.perf_counter() - t
+    return run
+
+
+def summarize(times: dict[str, list[float]], num: str, den: str) -> dict:
+    ratios = [a / b for a, b in zip(times[num], times[den])]
+    return {"ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
+            "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "pairs": len(ratios), "samples_ms": {k: [round(1e3 * t, 3) for t in v] for k, v in times.items()}}
+
+
+def peft_lora(model: torch.nn.Module, case: Case, dropout: float):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=case.r, lora_alpha=case.alpha, lora_dropout=dropout,
+                                            target_modules=TARGETS))
+
+
+def fx_config(case: Case, dropout: float) -> fxpeft.LoraConfig:
+    return fxpeft.LoraConfig(r=case.r, lora_alpha=case.alpha, lora_dropout=dropout, target_modules=TARGETS)
+
+
+def same_adapters(gm: torch.nn.Module, pm: torch.nn.Module, seed: int = 1) -> None:
+    """Give fxpeft's and PEFT's adapters the same random A and B (B non-zero: the adapters do something)."""
+    from fxpeft.api import adapters
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, ad in sorted(adapters(gm).items()):
+            layer = pm.base_model.model.get_submodule(ad.site_name)
+            ad.A.copy_(torch.randn(ad.A.shape, generator=g) / ad.A.shape[1] ** 0.5)
+            ad.B.copy_(torch.randn(ad.B.shape, generator=g) / ad.B.shape[1] ** 0.5)
+            layer.lora_A["default"].weight.copy_(ad.A)
+            layer.lora_B["default"].weight.copy_(ad.B)
+
+
+def saved_bytes(step: Callable[[], Any], params: list[torch.Tensor]) -> int:
+    """Bytes of distinct non-parameter storages autograd saves for backward during one step."""
+    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        s = t.untyped_storage()
+        if s.data_ptr() not in param_ptrs:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(seen.values())
+
+
+class Trainer:
+    """One model's LoRA training step: forward + loss + backward + AdamW."""
+
+    def __init__(self, model: torch.nn.Module, call: Callable, ids: torch.Tensor):
+        self.model, self.call, self.ids = model, call, ids
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=1e-5)
+
+    def step(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        lm_loss(self.call(self.ids).logits, self.ids).backward()
+        self.opt.step()
+
+
+# ----------------------------------------------------------------------------------------------- the case
+
+class Bench:
+    def __init__(self, case: Case, args):
+        self.case, self.args = case, args
+        self.results: list[dict] = []
+        self.info: dict[str, Any] = {}
+        log(f"[{case.name}] building tiny Llama: {case.layers} layers, hidden {case.hidden}, batch {case.batch} x seq {case.seq}")
+        self.model, _, kw = tiny_llama(case.layers, case.hidden, case.vocab, case.batch, case.seq)
+        self.ids = kw["input_ids"]
+        self.kwargs = kw
+        t = time.perf_counter()
+        self.base_gm = fxpeft.trace(self.model, (), kw)
+        self.info["trace_s"] = time.perf_counter() - t
+        log(f"[{case.name}] trace {self.info['trace_s']:.2f} s")
+        self.base_hf = copy.deepcopy(self.model)  # the model the graph shares weights with stays untouched
+
+    def pairs(self, kind: str) -> int:
+        full = {"rewrite": 7, "train": 10, "compile": 8, "infer": 15, "merged": 15, "merge": 7}[kind]
+        if self.args.pairs:
+            return self.args.pairs
+        return max(3, full // 3) if self.args.quick or self.case.name == "smoke" else full
+
+    def add(self, measure: str, key: str, label: str, summary: dict, extra: dict | None = None) -> None:
+        row = {"case": self.case.name, "measure": measure, "key": key, "label": label, **summary, **(extra or {})}
+        self.results.append(row)
+        log(f"[{self.case.name}] {label}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in summary["ms"].items())
+            + f"; ratio {summary['ratio']:.3f}")
+
+    def fx(self, dropout: float, fuse: bool = True) -> torch.fx.GraphModule:
+        return fxpeft.rewrite(copy.deepcopy(self.base_gm), fx_config(self.case, dropout), fuse=fuse)
+
+    def peft(self, dropout: float):
+        return peft_lora(copy.deepcopy(self.base_hf), self.case, dropout)
+
+    # -- measures ---------------------------------------------------------------------------------
+    def rewrite(self) -> None:
+        def fx_run(fuse: bool) -> Callable[[], float]:
+            def run() -> float:
+                g = copy.deepcopy(self.base_gm)
+                t = time.perf_counter()
+                fxpeft.rewrite(g, fx_config(self.case, 0.1), fuse=fuse)
+                return time.perf_counter() - t
+            return run
+
+        def peft_run() -> float:
+            m = copy.deepcopy(self.base_hf)
+            t = time.perf_counter()
+            peft_lora(m, self.case, 0.1)
+            return time.perf_counter() - t
+
+        times = alternate({"fxpeft": fx_run(True), "fxpeft_unfused": fx_run(False), "peft": peft_run},
+                          self.pairs("rewrite"), 1)
+        self.add("rewrite", "", f"rewrite (trace {self.info['trace_s']:.1f} s, excluded)", summarize(times, "fxpeft", "peft"),
+                 {"trace_s": self.info["trace_s"]})
+
+    def check_equal(self, dropout: float) -> float:
+        gm, pm = self.fx(dropout), self.peft(dropout)
+        same_adapters(gm, pm)
+        gm.eval(), pm.eval()
+        with torch.no_grad():
+            d = (gm(input_ids=self.ids).logits - pm(input_ids=self.ids, use_cache=False).logits).abs().max().item()
+        self.info.setdefault("max_abs_diff_logits_vs_peft", {})[str(dropout)] = d
+        log(f"[{self.case.name}] same adapters, eval: max |logits fxpeft - PEFT| = {d:.2e}")
+        return d
+
+    def train(self, dropout: float, compiled: bool = False) -> None:
+        torch.manual_seed(0)
+        gm, gu, pm = self.fx(dropout), self.fx(dropout, fuse=False), self.peft(dropout)
+        for m in (gm, gu, pm):
+            m.train()
+        calls = {"fxpeft": gm, "fxpeft_unfused": gu, "peft": pm}
+        if compiled:
+            torch._dynamo.reset()
+            calls = {k: torch.compile(m) for k, m in calls.items()}
+            if self.args.quick or self.case.name == "smoke":
+                calls.pop("fxpeft_unfused")
+        trainers = {
+            k: Trainer(m, (lambda mm: (lambda ids: mm(input_ids=ids)))(m) if k != "peft"
+                       else (lambda mm: (lambda ids: mm(input_ids=ids, use_cache=False)))(m), self.ids)
+            for k, m in calls.items()}
+        extra = {}
+        if compiled:
+            for k, tr in trainers.items():
+                t = time.perf_counter()
+                tr.step()
+                extra[f"compile_s_{k}"] = time.perf_counter() - t
+                log(f"[{self.case.name}] compiled {k} (dropout {dropout}) in {extra[f'compile_s_{k}']:.1f} s")
+        times = alternate({k: timed(tr.step) for k, tr in trainers.items()}, self.pairs("compile" if compiled else "train"), 2)
+        name = "compile" if compiled else "train"
+        label = f"LoRA train step{', torch.compile' if compiled else ''}, lora_dropout={dropout}"
+        self.add(name, str(dropout), label, summarize(times, "fxpeft", "peft"), extra)
+
+    def infer(self) -> None:
+        gm, pm = self.fx(0.0), self.peft(0.0)
+        gm.eval(), pm.eval()
+
+        def run(f):
+            def go() -> float:
+                with torch.inference_mode():
+                    t = time.perf_counter()
+                    f()
+                    return time.perf_counter() - t
+            return go
+
+        times = alternate({"fxpeft": run(lambda: gm(input_ids=self.ids)),
+                           "peft": run(lambda: pm(input_ids=self.ids, use_cache=False))}, self.pairs("infer"), 2)
+        self.add("infer", "", "unmerged inference", summarize(times, "fxpeft", "peft"))
+
+    def merged(self) -> None:
+        gm = self.fx(0.0)
+        same_adapters(gm, self.peft(0.0))
+        merged = fxpeft.merge(gm).eval()
+        base_gm = copy.deepcopy(self.base_gm).eval()
+        hf = self.base_hf.eval()
+
+        def run(f):
+            def go() -> float:
+                with torch.inference_mode():
+                    t = time.perf_counter()
+                    f()
+                    return time.perf_counter() - t
+            return go
+
+        times = alternate({"merged": run(lambda: merged(input_ids=self.ids)),
+                           "base_graph": run(lambda: base_gm(input_ids=self.ids)),
+                           "hf_eager": run(lambda: hf(input_ids=self.ids, use_cache=False))}, self.pairs("merged"), 2)
+        self.add("merged", "graph", "merged inference / traced base graph", summarize(times, "merged", "base_graph"))
+        self.add("merged", "hf", "merged inference / HF eager base model", summarize(times, "merged", "hf_eager"))
+        if "compile" in self.measures and not (self.args.quick or self.case.name == "smoke"):
+            torch._dynamo.reset()
+            cm, cb = torch.compile(merged), torch.compile(base_gm)
+            extra = {}
+            for k, f in (("merged", cm), ("base_graph", cb)):
+                t = time.perf_counter()
+                with torch.inference_mode():
+                    f(input_ids=self.ids)
+                extra[f"compile_s_{k}"] = time.perf_counter() - t
+            times = alternate({"merged": run(lambda: cm(input_ids=self.ids)),
+                               "base_graph": run(lambda: cb(input_ids=self.ids))}, self.pairs("merged"), 2)
+            self.add("merged", "compiled", "merged / base graph, both torch.compile", summarize(times, "merged", "base_graph"), extra)
+
+    def merge(self) -> None:
+        def fx_run() -> float:
+            g = self.fx(0.0)
+            t = time.perf_counter()
+            fxpeft.merge(g)
+            return time.perf_counter() - t
+
+        def peft_run() -> float:
+            m = self.peft(0.0)
+            t = time.perf_counter()
+            m.merge_and_unload()
+            return time.perf_counter() - t
+
+        times = alternate({"fxpeft": fx_run, "peft": peft_run}, self.pairs("merge"), 1)
+        self.add("merge", "", "merge", summarize(times, "fxpeft", "peft"))
+
+    def memory(self, dropout: float) -> None:
+        variants = ("fxpeft", "fxpeft_unfused", "peft")
+        reps = 1 if (self.args.quick or self.case.name == "smoke") else 2
+        peaks: dict[str, list[float]] = {v: [] for v in variants}
+        saved: dict[str, int] = {}
+        for _ in range(reps):
+            for v in variants:
+                out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", v, "--cases", self.case.name,
+                                      "--dropout", str(dropout), "--threads", str(self.args.threads)],
+                                     capture_output=True, text=True, check=True)
+                res = json.loads(out.stdout.strip().splitlines()[-1])
+                peaks[v].append(res["peak_mb"])
+                saved[v] = res["saved_mb"]
+        ms = {v: statistics.median(p) for v, p in peaks.items()}
+        summary = {"ms": {}, "mb": ms, "saved_mb": saved, "ratio": ms["fxpeft"] / ms["peft"],
+                   "saved_ratio": saved["fxpeft"] / saved["peft"], "pairs": reps, "method": peaks_method()}
+        self.results.append({"case": self.case.name, "measure": "memory", "key": str(dropout),
+                             "label": f"peak training memory, lora_dropout={dropout}", **summary})
+        log(f"[{self.case.name}] memory p={dropout}: peak MB {ms}, saved-for-backward MB {saved}")
+
+    # -- driver -------------------------------------------------------------------------------------
+    @property
+    def measures(self) -> tuple[str, ...]:
+        want = self.args.measures or ALL_MEASURES
+        if self.args.quick:
+            want = [m for m in want if m in ("rewrite", "train", "infer", "merge")]
+        return tuple(m for m in self.case.measures if m in want)
+
+    def run(self) -> None:
+        ms = self.measures
+        if "rewrite" in ms:
+            self.rewrite()
+        if {"train", "compile", "infer"} & set(ms):
+            self.check_equal(0.0)
+        for p in self.case.dropouts:
+            if "train" in ms:
+                self.train(p)
+        if "infer" in ms:
+            self.infer()
+        if "merged" in ms:
+            self.merged()
+        if "merge" in ms:
+            self.merge()
+        for p in self.case.dropouts:
+            if "compile" in ms:
+                self.train(p, compiled=True)
+        for p in self.case.dropouts:
+            if "memory" in ms:
+                self.memory(p)
+
+
+def peaks_method() -> str:
+    return "clear_refs" if _can_clear_refs() else "ru_maxrss"
+
+
+def _can_clear_refs() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(field)
+
+
+def worker(variant: str, case: Case, dropout: float) -> None:
+    """Peak RSS growth over 3 training steps of one variant, in this fresh process."""
+    model, _, kw = tiny_llama(case.layers, case.hidden, case.vocab, case.batch, case.seq)
+    ids = kw["input_ids"]
+    if variant == "peft":
+        m = peft_lora(model, case, dropout)
+        call = lambda i: m(input_ids=i, use_cache=False)  # noqa: E731
+    else:
+        m = fxpeft.rewrite(fxpeft.trace(model, (), kw), fx_config(case, dropout), fuse=variant == "fxpeft")
+        del model
+        call = lambda i: m(input_ids=i)  # noqa: E731
+    m.train()
+    tr = Trainer(m, call, ids)
+    tr.step()  # lazy initialisation and AdamW state
+    saved = saved_bytes(tr.step, list(m.parameters()))
+    gc.collect()
+    if _can_clear_refs():
+        before = _rss_mb("VmRSS")
+        for _ in range(3):
+            tr.step()
+        peak = _rss_mb("VmHWM") - before
+    else:  # whole-process peak; trace/set-up peaks may dominate
+        import resource
+
+        before = _rss_mb("VmRSS")
+        for _ in range(3):
+            tr.step()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    print(json.dumps({"peak_mb": peak, "saved_mb": saved / 2**20}))
+
+
+# ----------------------------------------------------------------------------------------------- output
+
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    import transformers
+
+    try:
+        import peft
+
+        pv = peft.__version__
+    except ImportError:
+        pv = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": pv, "python": platform.python_version(),
+            "platform": platform.platform(), "loadavg_start": os.getloadavg()}
+
+
+def _fmt_ms(v: float) -> str:
+    return f"{v:.1f}" if v < 1000 else f"{v:,.0f}"
+
+
+def markdown(results: list[dict], info: dict) -> str:
+    lines = ["| case | measure | fxpeft | PEFT / baseline | ratio (median of pairs) | goal | |",
+             "|---|---|---:|---:|---:|---|---|"]
+    for r in results:
+        goal = GOALS.get((r["measure"], r["key"]))
+        if r["measure"] == "merged" and r["key"] == "hf":
+            goal = None
+        if r["measure"] == "memory":
+            a, b = f"{r['mb']['fxpeft']:.0f} MB", f"{r['mb']['peft']:.0f} MB"
+            label = r["label"] + f" (saved for backward: {r['saved_mb']['fxpeft']:.0f} vs {r['saved_mb']['peft']:.0f} MB)"
+        elif r["measure"] == "merged":
+            k = "base_graph" if r["key"] != "hf" else "hf_eager"
+            a, b, label = f"{_fmt_ms(r['ms']['merged'])} ms", f"{_fmt_ms(r['ms'][k])} ms", r["label"]
+        else:
+            a, b, label = f"{_fmt_ms(r['ms']['fxpeft'])} ms", f"{_fmt_ms(r['ms']['peft'])} ms", r["label"]
+            if "fxpeft_unfused" in r["ms"]:
+                a += f" (unfused {_fmt_ms(r['ms']['fxpeft_unfused'])})"
+        ratio = f"{r['ratio']:.3f}"
+        if r["measure"] != "memory":
+            ratio += f" [{r['ratio_min']:.2f}–{r['ratio_max']:.2f}]"
+        met = ""
+        if goal is not None and r["case"] != "smoke":
+            ok = goal[1](r["ratio"])
+            if r["measure"] == "rewrite" and r["case"] == "rewrite32":
+                ok = ok and r["ms"]["fxpeft"] < 100
+            met = "met" if ok else "**not met**"
+        lines.append(f"| {r['case']} | {label} | {a} | {b} | {ratio} | {goal[0] if goal else ''} | {met} |")
+    m = info["machine"]
+    lines.append("")
+    lines.append(f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads; torch {m['torch']}, "
+                 f"transformers {m['transformers']}, PEFT {m['peft']}, Python {m['python']}. "
+                 f"Load average at start/end: {m['loadavg_start'][0]:.2f} / {m['loadavg_end'][0]:.2f}.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default=None, help="comma-separated: " + ", ".join(CASES) + " (default: default,large,rewrite32)")
+    ap.add_argument("--measures", default=None, help="comma-separated subset of: " + ", ".join(ALL_MEASURES))
+    ap.add_argument("--quick", action="store_true", help="default case, eager measures, fewer pairs")
+    ap.add_argument("--pairs", type=int, default=0, help="timed rounds per measure (default: per measure)")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    ap.add_argument("--json", default="bench.json", help="JSON output path")
+    ap.add_argument("--md", default="bench.md", help="markdown output path")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--dropout", type=float, default=0.0, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.measures = tuple(args.measures.split(",")) if args.measures else None
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        worker(args.worker, CASES[args.cases], args.dropout)
+        return 0
+    names = args.cases.split(",") if args.cases else (["default"] if args.quick else ["default", "large", "rewrite32"])
+    info: dict[str, Any] = {"machine": machine(), "args": {k: v for k, v in vars(args).items() if k != "worker"},
+                            "cases": {n: asdict(CASES[n]) for n in names}}
+    results: list[dict] = []
+    t0 = time.perf_counter()
+    for n in names:
+        b = Bench(CASES[n], args)
+        b.run()
+        results += b.results
+        info.setdefault("case_info", {})[n] = b.info
+        del b
+        gc.collect()
+    info["machine"]["loadavg_end"] = os.getloadavg()
+    info["wall_s"] = time.perf_counter() - t0
+    md = markdown(results, info)
+    with open(args.json, "w") as f:
+        json.dump({"info": info, "results": results}, f, indent=1)
+    with open(args.md, "w") as f:
+        f.write(md + "\n")
+    print(md)
+    log(f"wrote {args.json} and {args.md} in {info['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
