@@ -342,7 +342,7 @@ def _scene(g: nx.DiGraph, compact: bool) -> _Scene:
     return _Scene(g, drawn, dict(edges), params, root, cluster_of, usual, fmt)
 
 
-_INDEXED = re.compile(r"^(.*)\.(\d+)$")
+_INDEXED = re.compile(r"^(?:(.*)\.)?(\d+)$")  # "model.layers.3" -> ("model.layers", "3"); "3" -> (None, "3")
 
 
 def _signature(scene: _Scene, c: _Cluster) -> tuple[tuple, list[str]]:
@@ -396,7 +396,7 @@ def _fold_repeats(scene: _Scene) -> None:
         for child in c.children.values():
             m = _INDEXED.match(child.path)
             if m:
-                groups[(m.group(1), child.cls)].append((int(m.group(2)), child))
+                groups[(m.group(1) or "", child.cls)].append((int(m.group(2)), child))
         for members in groups.values():
             members.sort(key=lambda t: t[0])
             i = 0
@@ -550,12 +550,28 @@ class _Dot:
         box = self.box_of.get(n)
         return f"box:{box.path}" if box is not None else n
 
-    def adapters_in(self, nodes: list[str], removed: bool = False) -> Counter:
-        """Adapters (one per adapter module) among ``nodes``: the ones present, or with ``removed`` also those a pass removed."""
+    def adapters_in(self, c: _Cluster, removed: bool = False) -> Counter:
+        """Adapters (one per adapter module) in ``c``'s subtree, per method.
+
+        A folded run inside ``c`` counts once per block it stands for (``c``'s own run does not: its box
+        says "each"). With ``removed``, adapters a diffed pass removed count too.
+        """
         g = self.s.g
-        mods = {(g.nodes[n]["adapter"]["method"], g.nodes[n]["adapter"]["module"]) for n in nodes
-                if g.nodes[n]["adapter"] and (removed or g.nodes[n].get("diff") != "removed")}
-        return Counter(m for m, _ in mods)
+        times: dict[tuple[str, str], int] = {}
+        stack = [(c, 1)]
+        while stack:
+            x, mult = stack.pop()
+            for n in x.nodes:
+                d = g.nodes[n]
+                tag = d["adapter"]
+                if tag is not None and (removed or d.get("diff") != "removed"):
+                    key = (tag["method"], tag["module"])
+                    times[key] = max(times.get(key, 0), mult)
+            stack.extend((k, mult * (len(k.run) if k.run else 1)) for k in x.children.values())
+        counts: Counter = Counter()
+        for (method, _), mult in times.items():
+            counts[method] += mult
+        return counts
 
     def run_label(self, c: _Cluster) -> str:
         if not c.run:
@@ -563,7 +579,7 @@ class _Dot:
         m = _INDEXED.match(c.relpath())
         first, last = _INDEXED.match(c.run[0]), _INDEXED.match(c.run[-1])
         if m and first and last:
-            return f"{m.group(1)}.{first.group(2)}…{last.group(2)}"
+            return (f"{m.group(1)}." if m.group(1) else "") + f"{first.group(2)}…{last.group(2)}"
         return c.relpath()
 
     # ---- nodes ----
@@ -642,10 +658,10 @@ class _Dot:
         rows = [f"<b>{_e(self.run_label(c))}</b>" + (f' <font color="#c92a2a"><b>×{len(c.run)}</b></font>' if c.run else ""),
                 f'<font point-size="8" color="#495057">{_e(c.cls)} · {len(nodes)} ops</font>']
         border = "#495057"
-        for method, count in sorted(self.adapters_in(nodes).items()):
+        for method, count in sorted(self.adapters_in(c).items()):
             fill, edge = _method_colors(method, self.methods)
             border = edge
-            each = " each" if self.in_run(c) else ""
+            each = " each" if c.run else ""
             rows.append(f'<font point-size="9" color="{edge}"><b>{_method_name(method)} ×{count}{each}</b></font>')
         added = sum(1 for n in nodes if g.nodes[n].get("diff") == "added")
         removed = sum(1 for n in nodes if g.nodes[n].get("diff") == "removed")
@@ -663,13 +679,6 @@ class _Dot:
                      peripheries="2" if c.run else None)
         return f"{_q('box:' + c.path)} {_attrs(**attrs)}"
 
-    def in_run(self, c: _Cluster | None) -> bool:
-        while c is not None:
-            if c.run:
-                return True
-            c = c.parent
-        return False
-
     # ---- clusters ----
     def emit_cluster(self, c: _Cluster, indent: str) -> None:
         out = self.lines
@@ -677,13 +686,13 @@ class _Dot:
         for n in c.nodes:
             out.append(indent + self.node_line(n, None))
         for k in kids:
-            if not k.children and len(k.nodes) == 1 and not self.adapters_in(k.nodes, removed=True) and not k.run:
+            if not k.children and len(k.nodes) == 1 and not self.adapters_in(k, removed=True) and not k.run:
                 # A cluster around one node is noise: draw the node, named after its module.
                 out.append(indent + self.node_line(k.nodes[0], k))
             elif _cut(k, self.depth, self.focus) is k:
                 out.append(indent + self.box_line(k))
             else:
-                methods = self.adapters_in(k.all_nodes(), removed=True)
+                methods = self.adapters_in(k, removed=True)
                 border = _method_colors(sorted(methods)[0], self.methods)[1] if methods else "#adb5bd"
                 label = f"<b>{_e(self.run_label(k))}</b>"
                 if k.run:
