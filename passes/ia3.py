@@ -49,7 +49,8 @@ def is_feedforward(config: IA3Config, name: str) -> bool:
         return False
     if isinstance(ff, str):
         return re.fullmatch(ff, name) is not None
-    return any(name == k or name.endswith(f".{k}") for k in ff)
+    # PEFT's rule, kept so that one config picks the same sites in both libraries: a plain suffix match.
+    return any(name.endswith(k) for k in ff)
 
 
 class IA3Adapter(AdapterModule):
