@@ -211,7 +211,7 @@ class _Scene:
     cluster_of: dict[str, _Cluster]
     dtype: str | None  # the graph's usual dtype: edges say theirs only when it differs
     fmt: _ShapeFmt
-    member: dict[str, tuple[int, int]] = field(default_factory=dict)  # node -> (run id, member index)
+    member: dict[str, dict[int, int]] = field(default_factory=dict)  # node -> {run id: member index}
     rep: dict[str, str] = field(default_factory=dict)  # node of a folded member -> its node in the drawn member
     preds: dict[str, list[str]] = field(default_factory=dict)  # drawn node -> drawn nodes it reads
     succs: dict[str, list[str]] = field(default_factory=dict)  # drawn node -> drawn nodes that read it
@@ -417,7 +417,7 @@ def _fold_repeats(scene: _Scene) -> None:
                     for k, (_, m) in enumerate(members[i:j]):
                         _, nodes = _signature(scene, m)
                         for a, b in zip(nodes, nodes0):
-                            scene.member[a] = (run_id, k)
+                            scene.member.setdefault(a, {})[run_id] = k
                             if k:
                                 scene.rep[a] = b
                         if k:
@@ -430,10 +430,10 @@ def _fold_repeats(scene: _Scene) -> None:
             n = scene.rep[n]
         return n
 
-    edges: dict[tuple[str, str], set[str]] = defaultdict(set)
+    edges: dict[tuple[str, str], set[tuple[str, bool, str | None]]] = defaultdict(set)
     for (s, v), labels in scene.edges.items():
-        ms, mv = scene.member.get(s), scene.member.get(v)
-        if ms and mv and ms[0] == mv[0] and ms[1] != mv[1]:
+        ms, mv = scene.member.get(s, {}), scene.member.get(v, {})
+        if any(ms[r] != mv[r] for r in ms.keys() & mv.keys()):
             continue  # member i -> member j of one run: the repetition itself
         a, b = rep(s), rep(v)
         if a != b:
@@ -659,13 +659,11 @@ class _Dot:
                 f'<font point-size="8" color="#495057">{_e(c.cls)} · {len(nodes)} ops</font>']
         border = "#495057"
         for method, count in sorted(self.adapters_in(c).items()):
-            fill, edge = _method_colors(method, self.methods)
-            border = edge
+            edge = border = _method_colors(method, self.methods)[1]
             each = " each" if c.run else ""
             rows.append(f'<font point-size="9" color="{edge}"><b>{_method_name(method)} ×{count}{each}</b></font>')
         added = sum(1 for n in nodes if g.nodes[n].get("diff") == "added")
         removed = sum(1 for n in nodes if g.nodes[n].get("diff") == "removed")
-        style = "filled,bold" if not c.run else "filled,bold"
         color = border
         if added or removed:
             rows.append(f'<font point-size="8"><font color="{_ADDED}">+{added}</font> '
@@ -675,7 +673,7 @@ class _Dot:
         tip = f"{c.path} ({c.cls}), collapsed: {len(nodes)} drawn ops" + (
             f"; stands for {len(c.run)} identical blocks {c.run[0]} … {c.run[-1]}" if c.run else "")
         fill = _CLUSTER_FILLS[min(c.depth, len(_CLUSTER_FILLS) - 1)]
-        attrs = dict(shape="box", style=style, fillcolor=fill, color=color, label=_Html(label), tooltip=tip,
+        attrs = dict(shape="box", style="filled,bold", fillcolor=fill, color=color, label=_Html(label), tooltip=tip,
                      peripheries="2" if c.run else None)
         return f"{_q('box:' + c.path)} {_attrs(**attrs)}"
 
@@ -705,15 +703,15 @@ class _Dot:
                              fillcolor=fill, color=border, tooltip=f"{k.path} ({k.cls})", labeljust="l",
                              penwidth="2.5" if k.run else ("1.5" if methods else "1"))
                 out.append(f"{indent}subgraph {_q('cluster_' + k.path)} {{")
-                out.extend(f"{indent}  {a}={v};" if v.startswith("<") else f"{indent}  {a}={_q(v)};"
-                           for a, v in ((a, f"<{v.text}>" if isinstance(v, _Html) else v) for a, v in attrs.items()))
+                out.extend(f"{indent}  {a}=<{v.text}>;" if isinstance(v, _Html) else f"{indent}  {a}={_q(v)};"
+                           for a, v in attrs.items())
                 self.emit_cluster(k, indent + "  ")
                 out.append(f"{indent}}}")
 
     def legend(self) -> str:
         rows = []
         for m in self.methods:
-            fill, edge = _method_colors(m, self.methods)
+            fill = _method_colors(m, self.methods)[0]
             rows.append(f'<tr><td bgcolor="{fill}" width="14"> </td><td align="left">{_e(_method_name(m))} adapter node</td></tr>')
         rows.append('<tr><td bgcolor="#e9ecef" width="14"> </td><td align="left">site (applies a base weight W)</td></tr>')
         if self.diff:
@@ -805,7 +803,7 @@ def _as_view(x: Any, what: str) -> nx.DiGraph:
 
 
 def to_dot(gm: fx.GraphModule | nx.DiGraph, *, depth: int | None = None, before: Any = None,
-           fold_repeats: bool = True, compact: bool = True, shapes: bool = True, rankdir: str = "TB",
+           fold_repeats: bool = True, compact: bool = True, shapes: bool | str = True, rankdir: str = "TB",
            max_nodes: int = 250, title: str | None = None) -> str:
     """The DOT source :func:`draw` renders (same arguments, without the path).
 
@@ -824,6 +822,8 @@ def to_dot(gm: fx.GraphModule | nx.DiGraph, *, depth: int | None = None, before:
             "before= is the graph being drawn: passes change a graph in place, so it no longer shows the "
             "'before'. Take a snapshot before the pass: before = fxpeft.to_networkx(gm) (cheap, no weights) "
             "or copy.deepcopy(gm).")
+    if shapes not in (True, False, "all"):
+        raise DrawError(f"shapes must be True (where they say something), 'all' or False; got {shapes!r}")
     if rankdir not in ("TB", "LR", "BT", "RL"):
         raise DrawError(f"rankdir must be one of TB, LR, BT, RL; got {rankdir!r}")
     if depth is not None and (not isinstance(depth, int) or isinstance(depth, bool) or depth < 0):
@@ -849,7 +849,7 @@ def _dot_missing_message(out: Path, dot_path: Path) -> str:
 
 
 def draw(gm: fx.GraphModule, path: str | os.PathLike, *, depth: int | None = None, before: Any = None,
-         fold_repeats: bool = True, compact: bool = True, shapes: bool = True, rankdir: str = "TB",
+         fold_repeats: bool = True, compact: bool = True, shapes: bool | str = True, rankdir: str = "TB",
          max_nodes: int = 250, title: str | None = None, dpi: int | None = None) -> Path:
     """Draw ``gm`` to ``path``; the format follows the extension (``.svg``, ``.png``, ``.pdf`` or ``.dot``).
 
@@ -865,7 +865,9 @@ def draw(gm: fx.GraphModule, path: str | os.PathLike, *, depth: int | None = Non
         fold_repeats: draw a run of identical sibling blocks (``layers.0`` … ``layers.15``) once, marked ``×16``.
         compact: leave out parameter reads and pure shape plumbing (views, transposes, ``sym_size``, asserts);
             edges pass through them. False draws every FX node.
-        shapes: label edges with the shape (and a dtype that differs from the graph's usual one) of the value.
+        shapes: label edges with the shape (and a dtype that differs from the graph's usual one) of the value
+            where it says something: where data enters, where an op changes the shape, across a module
+            boundary and along adapters. ``"all"`` labels every edge; False none.
         rankdir: Graphviz's layout direction: ``"TB"`` (top to bottom) or ``"LR"`` etc.
         max_nodes: the budget the automatic ``depth`` keeps to.
         title: the caption (default: graph name, dialect, node count and the adapters it holds).
