@@ -291,7 +291,10 @@ def to_networkx(gm: fx.GraphModule | fx.Graph, *, infer_shapes: bool = True) -> 
         ('0', 8)
     """
     if isinstance(gm, fx.Graph):
-        graph, owner = gm, (gm.owning_module or fx.GraphModule(nn.Module(), gm))
+        graph, owner = gm, gm.owning_module
+        if owner is None:  # a graph on its own: no parameters or module classes to look up
+            owner = nn.Module()
+            owner.graph, owner.meta = graph, {}
     else:
         graph, owner = gm.graph, gm
     nodes = list(graph.nodes)

@@ -734,10 +734,15 @@ class _Dot:
         g = s.g
         head = self.title
         if head is None:
-            sites = {d["adapter"]["module"]: d["adapter"]["method"] for _, d in g.nodes(data=True)
-                     if d["adapter"] and d.get("diff") != "removed"}
-            per = Counter(sites.values())
-            what = ", ".join(f"{_method_name(m)} on {k} sites" for m, k in sorted(per.items())) or "no adapters"
+            tags = [d["adapter"] for _, d in g.nodes(data=True) if d["adapter"] and d.get("diff") != "removed"]
+            parts = []
+            for m in sorted({t["method"] for t in tags}):
+                sites = len({t["site"] for t in tags if t["method"] == m})
+                count = len({t["module"] for t in tags if t["method"] == m})
+                where = f"{sites} site{'s' * (sites != 1)}"
+                parts.append(f"{_method_name(m)} on {where}" if count == sites else
+                             f"{count} {_method_name(m)} adapters on {where}")
+            what = ", ".join(parts) or "no adapters"
             head = (f"{g.graph.get('name', 'graph')} · {g.graph.get('dialect', '')} graph · "
                     f"{sum(1 for _, d in g.nodes(data=True) if d.get('diff') != 'removed')} FX nodes · {what}")
             if self.diff:
