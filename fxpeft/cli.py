@@ -81,9 +81,11 @@ def _from_factory(spec: str):
         if not hasattr(obj, part):
             raise CliError(f"MODEL {spec!r}: module {module_name!r} has no attribute {name!r}")
         obj = getattr(obj, part)
-    if not callable(obj):
+    from torch import nn
+
+    if not callable(obj) or isinstance(obj, nn.Module):  # a model object, or a (model, args, kwargs) tuple
         if args or kwargs:
-            raise CliError(f"MODEL {spec!r}: {name!r} is not callable")
+            raise CliError(f"MODEL {spec!r}: {name!r} is not a function; drop the arguments")
         return obj
     try:
         return obj(*args, **kwargs)
@@ -171,9 +173,7 @@ def load_model(spec: str):
                 f"{spec} --local-dir DIR`) and pass DIR" if spec.count("/") == 1 and not spec.startswith((".", "/"))
                 else "no such directory" if ("/" in spec or os.sep in spec) else "expected pkg.module:fn")
         raise CliError(f"MODEL {spec!r} is neither a factory pkg.module:fn nor a local model directory ({hint})")
-    out = _from_factory(spec)
-    if isinstance(out, type) and issubclass(out, nn.Module):
-        out = out()
+    out = _from_factory(spec)  # a module class is a factory too: it is called
     if isinstance(out, nn.Module):
         return out, (), {}
     if isinstance(out, tuple) and out and isinstance(out[0], nn.Module):
@@ -378,7 +378,13 @@ _MODEL_HELP = ("a factory pkg.module:fn (e.g. fxpeft.zoo:tiny_llama, or fxpeft.z
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``fxpeft`` argument parser (``inspect``, ``draw``, ``demo``)."""
+    """The ``fxpeft`` argument parser (``inspect``, ``draw``, ``demo``).
+
+    Example:
+        >>> from fxpeft.cli import build_parser
+        >>> build_parser().parse_args(["draw", "fxpeft.zoo:cnn", "--out", "g.svg", "--depth", "2"]).depth
+        2
+    """
     parser = argparse.ArgumentParser(
         prog="fxpeft", description="PEFT as compiler surgery on a torch.fx graph.",
         epilog="Run `fxpeft COMMAND --help` for a command's options.")
@@ -441,7 +447,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the ``fxpeft`` command; returns the exit status (0 ok, 1 an fxpeft error, 2 a usage error)."""
+    """Run the ``fxpeft`` command; returns the exit status (0 ok, 1 an fxpeft error, 2 a usage error).
+
+    Errors are one line on stderr, ``fxpeft COMMAND: error: ...``, without a traceback.
+
+    Example:
+        >>> from fxpeft.cli import main
+        >>> main(["inspect", "fxpeft.zoo:cnn", "--kind", "linear", "--json"])
+        [
+         {"name": "fc", "kind": "linear", "module_type": "Linear", "weight_shape": [10, 32], "calls": 1, "fan_in_fan_out": false, "output_head": true}
+        ]
+        0
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):

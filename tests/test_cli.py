@@ -152,6 +152,7 @@ def test_model_factories_and_tuples(tmp_path, monkeypatch):
             return nn.Linear(4, 2), {"input": torch.randn(3, 4)}
 
         triple = (nn.Linear(4, 2), (torch.randn(3, 4),), {})
+        model_object = nn.Linear(4, 2)  # a module is callable, but it is the model, not a factory
 
         def not_a_model():
             return 3
@@ -163,6 +164,8 @@ def test_model_factories_and_tuples(tmp_path, monkeypatch):
     assert args == () and list(kwargs) == ["input"]
     model, args, kwargs = load_model("my_models:triple")
     assert args[0].shape == (3, 4)
+    model, args, kwargs = load_model("my_models:model_object")
+    assert type(model).__name__ == "Linear" and args == ()
     model, args, kwargs = load_model("torch.nn:Identity")  # a module class is instantiated
     assert type(model).__name__ == "Identity"
     with pytest.raises(CliError, match="returned int"):
