@@ -60,8 +60,10 @@ class Emit:
     Every node created through it carries ``node.meta["fxpeft"] = {method, adapter, site, role, module}``.
     """
 
-    def __init__(self, gm: fx.GraphModule, dialect: str, method: str, adapter: str, site: str, module: str):
+    def __init__(self, gm: fx.GraphModule, dialect: str, method: str, adapter: str, site: str, module: str,
+                 anchor: fx.Node | None = None):
         self.graph = gm.graph
+        self.anchor = anchor  # the site's call: inserted nodes inherit its module stack
         self.export = dialect == "export"
         self.tag = {"method": method, "adapter": adapter, "site": site, "module": module}
 
@@ -69,6 +71,7 @@ class Emit:
         # Names like ``q_proj_lora_A`` make gm.code read as the adapter it is.
         node = self.graph.create_node(op, target, tuple(args), name=f"{self.tag['site'].replace('.', '_')}_{role}")
         node.meta["fxpeft"] = dict(self.tag, role=role)
+        meta_from = meta_from if meta_from is not None else self.anchor
         if meta_from is not None and "nn_module_stack" in meta_from.meta:
             node.meta["nn_module_stack"] = dict(meta_from.meta["nn_module_stack"])
         return node

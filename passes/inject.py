@@ -226,7 +226,7 @@ class InjectAdapter:
         for s in chosen:
             gm.add_submodule(paths[s.name], adapters[s.name])
             for call in s.calls:
-                emit = Emit(gm, dialect, method.name, self.adapter_name, s.name, paths[s.name])
+                emit = Emit(gm, dialect, method.name, self.adapter_name, s.name, paths[s.name], anchor=call.node)
                 with gm.graph.inserting_before(call.node.next):
                     method.insert(emit, call, s, adapters[s.name])
         freeze_base(gm)
