@@ -151,18 +151,25 @@ class _Builder:
         return self._tag(self.graph.create_node("call_module", target, (x,), name=self._name(role, None)), role, None)
 
 
+def _get(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def _groups(gm: fx.GraphModule, chains: list[_Chain]) -> list[list[_Chain]]:
     groups: dict[tuple, list[_Chain]] = {}
     for c in chains:
-        a = gm.get_parameter(c.a_attr.target)
-        p = None if c.dropout is None else (type(m := gm.get_submodule(c.dropout.target)), getattr(m, "p", None))
+        a = _get(gm, c.a_attr.target)
+        p = None if c.dropout is None else (type(m := _get(gm, c.dropout.target)), getattr(m, "p", None))
         groups.setdefault((c.x, c.tag["adapter"], p, a.dtype, a.device, a.dim()), []).append(c)
     return [g for g in groups.values() if len(g) > 1]
 
 
 def _fuse_group(gm: fx.GraphModule, group: list[_Chain], export: bool, fuse_b: bool, pos: dict[fx.Node, int]) -> None:
     build = _Builder(gm, export, group)
-    ranks = [gm.get_parameter(c.a_attr.target).shape[0] for c in group]
+    ranks = [_get(gm, c.a_attr.target).shape[0] for c in group]
     scalings = {c.scaling for c in group}
     fuse_b = fuse_b and len(scalings) == 1
     # The first node of the group that reads x: x is defined by then, and no site has used its A yet.
@@ -183,7 +190,7 @@ def _fuse_group(gm: fx.GraphModule, group: list[_Chain], export: bool, fuse_b: b
             b_attrs = [c.b_attr for c in group]
             b_bd = build.fn("block_diag", *([b_attrs] if export else b_attrs), role="lora_B_cat")
             b = build.fn("linear", a, b_bd, role="lora_B")
-            outs = [gm.get_parameter(c.b_attr.target).shape[0] for c in group]
+            outs = [_get(gm, c.b_attr.target).shape[0] for c in group]
             split = build.fn("split", b, outs, -1, role="lora_B_split")
             parts = [build.getitem(split, i, "lora_B_part", c) for i, c in enumerate(group)]
         else:

@@ -13,11 +13,12 @@ Measures:
   infer     unmerged inference (eval, inference_mode)
   merged    merged inference vs the traced base graph and the HF eager model (eager and compiled)
   merge     fxpeft.merge vs PEFT's merge_and_unload
-  memory    peak training memory: one fresh process per variant (peak RSS growth over 3 steps, reset with
-            /proc/self/clear_refs after set-up), and the bytes autograd saves for backward (exact, in process)
+  memory    peak training memory: one fresh process per variant; set-up first, then malloc_trim and a
+            reset of the peak-RSS counter (/proc/self/clear_refs), then the peak RSS growth over 2 steps.
+            Also the bytes autograd saves for backward in one step (exact, via saved_tensors_hooks)
 
 Cases: ``default`` (tiny Llama, hidden 512, 4 layers, batch 4 x seq 128, LoRA r=16 on all 7 projections,
-lora_dropout 0.0 and 0.1), ``large`` (hidden 1024), ``rewrite32`` (32 layers; rewrite time only), and
+lora_dropout 0.0 and 0.1), ``large`` (hidden 1024, same shape otherwise), ``rewrite32`` (32 layers; rewrite time only), and
 ``smoke`` (a 1-layer toy for the test suite).
 
 Usage:
@@ -72,8 +73,8 @@ class Case:
 
 CASES = {
     "default": Case("default", 4, 512, 4, 128),
-    "large": Case("large", 4, 1024, 4, 256, measures=("train", "infer", "memory")),
-    "rewrite32": Case("rewrite32", 32, 512, 1, 16, dropouts=(0.1,), measures=("rewrite",)),
+    "large": Case("large", 4, 1024, 4, 128, measures=("train", "infer", "memory")),
+    "rewrite32": Case("rewrite32", 32, 512, 2, 16, dropouts=(0.1,), measures=("rewrite",)),
     "smoke": Case("smoke", 1, 64, 2, 16, dropouts=(0.0, 0.1), measures=("rewrite", "train", "infer", "merged", "merge", "memory")),
 }
 
@@ -86,7 +87,7 @@ GOALS: dict[tuple[str, str], tuple[str, Callable[[float], bool]]] = {
     ("infer", ""): ("≤ 0.95", lambda r: r <= 0.95),
     ("merged", "graph"): ("1.00 ± 0.03", lambda r: abs(r - 1) <= 0.03),
     ("merged", "compiled"): ("1.00 ± 0.03", lambda r: abs(r - 1) <= 0.03),
-    ("rewrite", ""): ("≤ 0.50 (32 layers: < 100 ms)", lambda r: r <= 0.5),
+    ("rewrite", ""): ("≤ 0.50 and < 100 ms", lambda r: r <= 0.5),
     ("memory", "0.0"): ("≤ 1.0", lambda r: r <= 1.0),
     ("memory", "0.1"): ("≤ 1.0", lambda r: r <= 1.0),
 }
@@ -103,17 +104,22 @@ def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def alternate(fns: dict[str, Callable[[], float]], pairs: int, warmup: int) -> dict[str, list[float]]:
-    """Run ``fns`` round-robin, ``warmup`` untimed rounds then ``pairs`` timed ones. Each fn returns seconds."""
+    """Run ``fns`` in rounds, ``warmup`` untimed then ``pairs`` timed, rotating the order each round.
+
+    Each fn returns the seconds it measured. Round ``i`` of fns A, B is one pair: A's time over B's is its ratio.
+    """
     for _ in range(warmup):
         for f in fns.values():
             f()
     times: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
     gc.collect()
     gc.disable()
     try:
-        for _ in range(pairs):
-            for k, f in fns.items():
-                times[k].append(f())
+        for i in range(pairs):
+            # rotate who goes first (A B, B A, ...): no variant always runs right after the same other one
+            for k in names[i % len(names):] + names[:i % len(names)]:
+                times[k].append(fns[k]())
     finally:
         gc.enable()
     return times
@@ -207,7 +213,9 @@ class Bench:
         self.base_hf = copy.deepcopy(self.model)  # the model the graph shares weights with stays untouched
 
     def pairs(self, kind: str) -> int:
-        full = {"rewrite": 7, "train": 10, "compile": 8, "infer": 15, "merged": 15, "merge": 7}[kind]
+        full = {"rewrite": 9, "train": 20, "compile": 12, "infer": 30, "merged": 30, "merge": 9}[kind]
+        if self.case.name == "large":
+            full = max(5, full // 3)
         if self.args.pairs:
             return self.args.pairs
         return max(3, full // 3) if self.args.quick or self.case.name == "smoke" else full
@@ -349,7 +357,7 @@ class Bench:
 
     def memory(self, dropout: float) -> None:
         variants = ("fxpeft", "fxpeft_unfused", "peft")
-        reps = 1 if (self.args.quick or self.case.name == "smoke") else 2
+        reps = 1 if (self.args.quick or self.case.name in ("smoke", "large")) else 3
         peaks: dict[str, list[float]] = {v: [] for v in variants}
         saved: dict[str, int] = {}
         for _ in range(reps):
@@ -419,8 +427,23 @@ def _rss_mb(field: str) -> float:
     raise RuntimeError(field)
 
 
+def _malloc_trim() -> None:
+    """Hand freed heap memory back to the OS, so that RSS tracks live memory (glibc only)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def worker(variant: str, case: Case, dropout: float) -> None:
-    """Peak RSS growth over 3 training steps of one variant, in this fresh process."""
+    """Peak RSS growth over the first 2 training steps of one variant, in this fresh process.
+
+    Set-up (model, trace, rewrite, optimizer) is done first; then freed memory is returned to the OS
+    (``malloc_trim``) and the peak-RSS counter reset (``/proc/self/clear_refs``), so the figure is what the
+    training steps add on top of the set-up's live memory: activations, gradients, AdamW state.
+    """
     model, _, kw = tiny_llama(case.layers, case.hidden, case.vocab, case.batch, case.seq)
     ids = kw["input_ids"]
     if variant == "peft":
@@ -432,21 +455,19 @@ def worker(variant: str, case: Case, dropout: float) -> None:
         call = lambda i: m(input_ids=i)  # noqa: E731
     m.train()
     tr = Trainer(m, call, ids)
-    tr.step()  # lazy initialisation and AdamW state
-    saved = saved_bytes(tr.step, list(m.parameters()))
     gc.collect()
-    if _can_clear_refs():
-        before = _rss_mb("VmRSS")
-        for _ in range(3):
-            tr.step()
+    _malloc_trim()
+    reset = _can_clear_refs()
+    before = _rss_mb("VmRSS")
+    for _ in range(2):
+        tr.step()
+    if reset:
         peak = _rss_mb("VmHWM") - before
-    else:  # whole-process peak; trace/set-up peaks may dominate
+    else:  # whole-process peak: trace/set-up peaks may dominate
         import resource
 
-        before = _rss_mb("VmRSS")
-        for _ in range(3):
-            tr.step()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    saved = saved_bytes(tr.step, list(m.parameters()))
     print(json.dumps({"peak_mb": peak, "saved_mb": saved / 2**20}))
 
 
@@ -481,8 +502,8 @@ def markdown(results: list[dict], info: dict) -> str:
              "|---|---|---:|---:|---:|---|---|"]
     for r in results:
         goal = GOALS.get((r["measure"], r["key"]))
-        if r["measure"] == "merged" and r["key"] == "hf":
-            goal = None
+        if r["measure"] == "rewrite" and r["case"] != "rewrite32":
+            goal = None  # the rewrite goal is set for the 32-layer graph
         if r["measure"] == "memory":
             a, b = f"{r['mb']['fxpeft']:.0f} MB", f"{r['mb']['peft']:.0f} MB"
             label = r["label"] + f" (saved for backward: {r['saved_mb']['fxpeft']:.0f} vs {r['saved_mb']['peft']:.0f} MB)"
