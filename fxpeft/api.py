@@ -236,8 +236,17 @@ def rewrite(gm: fx.GraphModule, config: Any, adapter_name: str = "default", *, f
     from .passes.fuse import FuseLoraSiblings
     from .passes.inject import InjectAdapter
 
-    gm = InjectAdapter(config, adapter_name)(gm).graph_module
-    return FuseLoraSiblings(adapter_names=(adapter_name,))(gm).graph_module if fuse else gm
+    if not fuse:
+        return InjectAdapter(config, adapter_name)(gm).graph_module
+    # Both passes end in gm.recompile(); generate the graph's code once, after the second.
+    gm.recompile = lambda: None  # an instance attribute, shadowing the method
+    try:
+        InjectAdapter(config, adapter_name)(gm)
+        FuseLoraSiblings(adapter_names=(adapter_name,))(gm)
+    finally:
+        del gm.recompile
+    gm.recompile()
+    return gm
 
 
 def merge(gm: fx.GraphModule, adapter_names: list[str] | None = None) -> fx.GraphModule:
