@@ -127,12 +127,16 @@ class _Builder:
         self.gm, self.graph, self.export = gm, gm.graph, export
         self.lead = {k: group[0].tag[k] for k in ("method", "adapter", "site", "module")}
         self.fused = tuple(c.tag["module"] for c in group)
+        self.group = group
 
     def _tag(self, node: fx.Node, role: str, chain: _Chain | None) -> fx.Node:
         if chain is None:
             node.meta[FXPEFT_META] = dict(self.lead, role=role, fused=self.fused)
         else:
             node.meta[FXPEFT_META] = {k: chain.tag[k] for k in ("method", "adapter", "site", "module")} | {"role": role}
+        src = (chain or self.group[0]).lora_a  # inserted nodes sit in their (first) site's module stack
+        if "nn_module_stack" in src.meta:
+            node.meta["nn_module_stack"] = dict(src.meta["nn_module_stack"])
         return node
 
     def _name(self, role: str, chain: _Chain | None) -> str:
@@ -296,7 +300,7 @@ def _unfuse_group(gm: fx.GraphModule, cat: fx.Node, export: bool) -> None:
     dialect = "export" if export else "fx"
     for i, part in enumerate(parts):
         tag = part.meta[FXPEFT_META]
-        emit = Emit(gm, dialect, tag["method"], tag["adapter"], tag["site"], tag["module"])
+        emit = Emit(gm, dialect, tag["method"], tag["adapter"], tag["site"], tag["module"], anchor=part)
         adapter = gm.get_submodule(tag["module"])
         with gm.graph.inserting_before(part):
             h = x

@@ -292,3 +292,16 @@ def test_bench_smoke(tmp_path):
     assert all(r["ratio"] > 0 for r in data["results"])
     assert "| smoke |" in (tmp_path / "b.md").read_text()
     assert data["info"]["case_info"]["smoke"]["max_abs_diff_logits_vs_peft"]["0.0"] < 1e-4
+
+
+def test_fused_nodes_keep_module_stack(llama_graph):
+    base, _ = llama_graph
+    unfused, fused = _pair(base, fxpeft.LoraConfig(r=2, lora_dropout=0.1, target_modules=ALL7))
+    if not any("nn_module_stack" in n.meta for n in unfused.graph.nodes if FXPEFT_META in n.meta):
+        pytest.skip("inserted nodes carry no module stack in this build")
+    for gm in (fused, UnfuseLoraSiblings()(copy.deepcopy(fused)).graph_module):
+        for n in gm.graph.nodes:
+            tag = n.meta.get(FXPEFT_META)
+            if tag is not None and n.op != "get_attr":
+                stack = n.meta.get("nn_module_stack")
+                assert stack and list(stack.values())[-1][0] == tag["site"], (n.name, stack)
