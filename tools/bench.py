@@ -133,6 +133,15 @@ def timed(f: Callable[[], Any]) -> Callable[[], float]:
     return run
 
 
+def timed_inference(f: Callable[[], Any]) -> Callable[[], float]:
+    def run() -> float:
+        with torch.inference_mode():
+            t = time.perf_counter()
+            f()
+            return time.perf_counter() - t
+    return run
+
+
 def summarize(times: dict[str, list[float]], num: str, den: str) -> dict:
     ratios = [a / b for a, b in zip(times[num], times[den])]
     return {"ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
@@ -294,16 +303,8 @@ class Bench:
         gm, pm = self.fx(0.0), self.peft(0.0)
         gm.eval(), pm.eval()
 
-        def run(f):
-            def go() -> float:
-                with torch.inference_mode():
-                    t = time.perf_counter()
-                    f()
-                    return time.perf_counter() - t
-            return go
-
-        times = alternate({"fxpeft": run(lambda: gm(input_ids=self.ids)),
-                           "peft": run(lambda: pm(input_ids=self.ids, use_cache=False))}, self.pairs("infer"), 2)
+        times = alternate({"fxpeft": timed_inference(lambda: gm(input_ids=self.ids)),
+                           "peft": timed_inference(lambda: pm(input_ids=self.ids, use_cache=False))}, self.pairs("infer"), 2)
         self.add("infer", "", "unmerged inference", summarize(times, "fxpeft", "peft"))
 
     def merged(self) -> None:
@@ -313,17 +314,9 @@ class Bench:
         base_gm = copy.deepcopy(self.base_gm).eval()
         hf = self.base_hf.eval()
 
-        def run(f):
-            def go() -> float:
-                with torch.inference_mode():
-                    t = time.perf_counter()
-                    f()
-                    return time.perf_counter() - t
-            return go
-
-        times = alternate({"merged": run(lambda: merged(input_ids=self.ids)),
-                           "base_graph": run(lambda: base_gm(input_ids=self.ids)),
-                           "hf_eager": run(lambda: hf(input_ids=self.ids, use_cache=False))}, self.pairs("merged"), 2)
+        times = alternate({"merged": timed_inference(lambda: merged(input_ids=self.ids)),
+                           "base_graph": timed_inference(lambda: base_gm(input_ids=self.ids)),
+                           "hf_eager": timed_inference(lambda: hf(input_ids=self.ids, use_cache=False))}, self.pairs("merged"), 2)
         self.add("merged", "graph", "merged inference / traced base graph", summarize(times, "merged", "base_graph"))
         self.add("merged", "hf", "merged inference / HF eager base model", summarize(times, "merged", "hf_eager"))
         if "compile" in self.measures and not (self.args.quick or self.case.name == "smoke"):
@@ -335,8 +328,8 @@ class Bench:
                 with torch.inference_mode():
                     f(input_ids=self.ids)
                 extra[f"compile_s_{k}"] = time.perf_counter() - t
-            times = alternate({"merged": run(lambda: cm(input_ids=self.ids)),
-                               "base_graph": run(lambda: cb(input_ids=self.ids))}, self.pairs("merged"), 2)
+            times = alternate({"merged": timed_inference(lambda: cm(input_ids=self.ids)),
+                               "base_graph": timed_inference(lambda: cb(input_ids=self.ids))}, self.pairs("merged"), 2)
             self.add("merged", "compiled", "merged / base graph, both torch.compile", summarize(times, "merged", "base_graph"), extra)
 
     def merge(self) -> None:
