@@ -40,16 +40,30 @@ def _set_param(gm: fx.GraphModule, path: str, value: nn.Parameter) -> None:
         raise MergeError(f"cannot place an untied copy of a merged weight at {path!r}: the name is taken")
 
 
-def _other_readers(gm: fx.GraphModule, site: Site, sites: dict[str, Site], weight: torch.Tensor) -> list[fx.Node]:
-    """Nodes outside ``site`` that read ``weight`` (through any alias), and other module sites sharing it."""
-    own = {c.weight_user or c.node for c in site.calls}
-    readers = []
+def _readers_index(gm: fx.GraphModule) -> dict[int, list[fx.Node]]:
+    """For each parameter (by identity), the nodes that read it: users of its ``get_attr`` nodes (through
+    any alias), and ``call_module`` nodes of modules owning it. Built once per merge: O(nodes)."""
+    index: dict[int, list[fx.Node]] = {}
     for n in gm.graph.nodes:
-        if n.op == "get_attr" and FXPEFT_META not in n.meta and _get(gm, n.target) is weight:
-            readers += [u for u in n.users if u not in own]
-        elif n.op == "call_module" and n not in own and getattr(_get(gm, n.target), "weight", None) is weight:
-            readers.append(n)
-    return readers
+        if n.op == "get_attr" and FXPEFT_META not in n.meta:
+            index.setdefault(id(_get(gm, n.target)), []).extend(n.users)
+        elif n.op == "call_module":
+            w = getattr(_get(gm, n.target), "weight", None)
+            if w is not None:
+                index.setdefault(id(w), []).append(n)
+    return index
+
+
+def _fits(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """``t`` (fp32) is finite and representable in ``dtype``. One reduction instead of an elementwise mask:
+    a NaN or inf anywhere makes the sum non-finite (the sum of finite weights cannot reach fp32's max)."""
+    if not torch.isfinite(t.sum()):
+        return False
+    return dtype == torch.float32 or not dtype.is_floating_point or t.abs().max() <= torch.finfo(dtype).max
+
+
+def _own_readers(site: Site) -> set[fx.Node]:
+    return {c.weight_user or c.node for c in site.calls}
 
 
 def _get(gm: fx.GraphModule, target: str):
@@ -132,19 +146,22 @@ class MergeAdapters:
         with torch.no_grad():
             for name in plan:
                 site = sites[name]
-                _, _, w, b = folded(site)
-                if not torch.isfinite(w).all() or (b is not None and not torch.isfinite(b).all()):
+                weight, _, w, b = folded(site)
+                if not (_fits(w, weight.dtype) and (b is None or _fits(b, weight.dtype))):
                     bad = ", ".join(t["module"] for t, _ in plan[name])
                     raise MergeError(f"merging {bad} into {site.weight!r} gives non-finite values (NaN/inf); "
                                      "the adapter weights have diverged. Nothing was merged; check the training "
                                      "(learning rate, loss scaling) or reload a good adapter.")
 
             # ---- commit, one site at a time ----
+            readers = _readers_index(gm)
             for name in plan:
                 site = sites[name]
                 weight, bias, w, b = folded(site)
-                if _other_readers(gm, site, sites, weight):
+                own = _own_readers(site)
+                if any(u not in own for u in readers.get(id(weight), ())):
                     where = _untie(gm, site, w.to(weight.dtype), weight)
+                    readers[id(weight)] = [u for u in readers[id(weight)] if u not in own]
                     warnings.warn(f"merge: {site.name!r} shares its weight with another call site (tied weights); "
                                   f"the merged weight is a new parameter {where!r} and the other site is unchanged")
                 else:
