@@ -238,14 +238,10 @@ def rewrite(gm: fx.GraphModule, config: Any, adapter_name: str = "default", *, f
 
     if not fuse:
         return InjectAdapter(config, adapter_name)(gm).graph_module
-    # Both passes end in gm.recompile(); generate the graph's code once, after the second.
-    gm.recompile = lambda: None  # an instance attribute, shadowing the method
-    try:
-        InjectAdapter(config, adapter_name)(gm)
-        FuseLoraSiblings(adapter_names=(adapter_name,))(gm)
-    finally:
-        del gm.recompile
-    gm.recompile()
+    # Code generation is the costliest step on a big graph: do it once, after fusion.
+    InjectAdapter(config, adapter_name, recompile=False)(gm)
+    if not FuseLoraSiblings(adapter_names=(adapter_name,))(gm).modified:
+        gm.recompile()
     return gm
 
 

@@ -182,6 +182,7 @@ class InjectAdapter:
 
     config: Any
     adapter_name: str = "default"
+    recompile: bool = True  # False when a later pass in the same pipeline regenerates the code anyway
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         method = PeftRegistry.for_config(self.config)
@@ -231,6 +232,7 @@ class InjectAdapter:
                     method.insert(emit, call, s, adapters[s.name])
         freeze_base(gm)
         gm.graph.lint()
-        gm.recompile()
+        if self.recompile:
+            gm.recompile()
         return PassResult(gm, bool(chosen))
 
