@@ -237,11 +237,31 @@ def _module_names(gm: fx.GraphModule, sites: dict[str, Site]) -> set[str]:
 
 
 def _warn_dilated(plans: dict[str, _Plan], direction: str) -> None:
-    dilated = [p.site.name for p in plans.values()
-               if p.method == "lora" and p.site.kind == "conv" and any(d != 1 for d in (p.site.dilation or ()))]
-    if dilated:
-        warnings.warn(f"{direction}: conv LoRA on dilated convolution(s) {dilated[:3]}: PEFT's lora_A conv ignores the "
-                      "base dilation (it uses 1), fxpeft's uses it; the same file gives different outputs in PEFT")
+    """Warn about sites whose adapter PEFT would apply differently (or not at all) from the same file."""
+    def outside_owner(site: Site) -> bool:  # the weight is also read by code outside its module's own call
+        for call in site.calls:
+            stack = call.node.meta.get("nn_module_stack")
+            if call.node.op == "call_module" or not stack:
+                continue
+            if list(stack.values())[-1][0] != site.name:
+                return True
+        return any(c.node.op == "call_module" for c in site.calls) and any(c.node.op != "call_module" for c in site.calls)
+
+    checks = [
+        (lambda p: p.method == "lora" and p.site.kind == "conv" and any(d != 1 for d in (p.site.dilation or ())),
+         "conv LoRA on dilated convolution(s): PEFT's lora_A conv ignores the base dilation (it uses 1), fxpeft's uses it"),
+        (lambda p: not p.site.weight.endswith(".weight") or p.site.name == p.site.weight,
+         "site(s) that are bare parameters (e.g. nn.MultiheadAttention.in_proj_weight): PEFT's module-based "
+         "LoRA/IA3 cannot hold them and skips them or refuses the file"),
+        (lambda p: p.site.weight.endswith(".weight") and p.site.name != p.site.weight and outside_owner(p.site),
+         "site(s) whose weight is also applied outside its module's own forward (fxpeft adapts every call, "
+         "PEFT only the module call)"),
+    ]
+    for test, why in checks:
+        hit = [p.site.name for p in plans.values() if test(p)]
+        if hit:
+            warnings.warn(f"{direction}: {why}: {hit[:3]}; the same file gives different outputs in PEFT "
+                          "(fxpeft's own save/load round trip is exact)")
 
 
 # --------------------------------------------------------------------------------------------- save_adapter
@@ -599,6 +619,9 @@ def load_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_name:
     from .passes.lora import LoraConfig
 
     directory = os.fspath(directory)
+    if os.path.isfile(directory):
+        raise AdapterFileError(f"{directory!r} is a file; load_adapter takes the adapter's directory (the one holding "
+                               "adapter_config.json and adapter_model.safetensors)")
     if not os.path.isdir(directory):
         raise AdapterFileError(f"adapter directory {directory!r} does not exist")
     config = _read_config(directory)
