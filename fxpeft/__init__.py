@@ -34,7 +34,7 @@ from .errors import (
     UnsupportedSiteError,
 )
 from .graph import to_networkx
-from .io import load_adapter, save_adapter, save_merged
+from .io import config_from_peft, load_adapter, save_adapter, save_merged
 from .passes.ia3 import IA3Config
 from .passes.lora import LoraConfig
 from .registry import AdapterModule, Method, PeftRegistry
@@ -49,6 +49,7 @@ __all__ = [
     "merge",
     "export",
     "save_adapter",
+    "config_from_peft",
     "load_adapter",
     "save_merged",
     "adapters",

@@ -63,6 +63,11 @@ def _export_program(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes,
     than a symbolic image, say), retry with batch/sequence dims only, then static, and warn."""
     if dynamic_shapes is not None:
         return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+    for i, x in enumerate(pytree.tree_leaves((args, kwargs))):
+        if isinstance(x, torch.Tensor) and 1 in tuple(x.shape)[:2]:
+            # torch.export specialises every size-1 dim (0/1 specialisation): the graph would accept only 1.
+            warnings.warn(f"trace: example input {i} has shape {tuple(x.shape)}; torch.export fixes size-1 dims, so "
+                          "the graph will accept only that size there. Trace with a batch (and sequence) of at least 2.")
     first_error = None
     for dims in ("all", "batch-seq", "none"):
         try:
@@ -236,6 +241,10 @@ def rewrite(gm: fx.GraphModule, config: Any, adapter_name: str = "default", *, f
     from .passes.fuse import FuseLoraSiblings
     from .passes.inject import InjectAdapter
 
+    if type(config).__module__.split(".")[0] == "peft":  # a PEFT user's own config object works as is
+        from .io import config_from_peft
+
+        config = config_from_peft(config)
     if not fuse:
         return InjectAdapter(config, adapter_name)(gm).graph_module
     # Code generation is the costliest step on a big graph: do it once, after fusion.

@@ -471,6 +471,27 @@ def _check_features(config: dict[str, Any]) -> str:
     return method
 
 
+def config_from_peft(peft_config: Any):
+    """Convert an HF ``peft.LoraConfig`` / ``peft.IA3Config`` into fxpeft's config of the same fields.
+
+    Features fxpeft does not implement (DoRA, ``modules_to_save``, ...) raise :class:`AdapterFileError`.
+
+    Example:
+        >>> import peft, fxpeft
+        >>> fxpeft.config_from_peft(peft.LoraConfig(r=4, target_modules=["q_proj"])).r
+        4
+    """
+    import dataclasses
+
+    from .passes.ia3 import IA3Config
+    from .passes.lora import LoraConfig
+
+    d = peft_config.to_dict()
+    cls = LoraConfig if _check_features(d) == "lora" else IA3Config
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in d.items() if k in names})
+
+
 def _resolve(config: dict[str, Any], sites: dict[str, Site], gm: fx.GraphModule) -> dict[str, _Plan]:
     """Which sites the config adapts, with what, under PEFT's rules; raises when it targets what the graph lacks."""
     from .passes.inject import select_sites

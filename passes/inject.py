@@ -36,6 +36,22 @@ _DEFAULT_FF = {"llama": ["down_proj"], "mistral": ["down_proj"], "gpt2": ["mlp.c
                "bert": ["output.dense"], "roberta": ["output.dense"], "t5": ["wo"]}
 
 
+def _default_targets(method: str, model_type: str | None) -> list[str] | None:
+    """PEFT's own per-model defaults when peft is installed (it knows ~40 families), else fxpeft's table."""
+    try:
+        from peft.utils import constants as c
+
+        table = {"lora": c.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+                 "ia3": c.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
+                 "ia3_ff": c.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING}[method]
+        if model_type in table:
+            return list(table[model_type])
+    except (ImportError, AttributeError, KeyError):
+        pass
+    own = _DEFAULT_FF if method == "ia3_ff" else _DEFAULT_TARGETS.get(method, {})
+    return own.get(model_type)
+
+
 def _matches(spec: list[str] | str, name: str) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
@@ -95,13 +111,13 @@ def select_sites(gm: fx.GraphModule, config: Any, method: str, sites: dict[str, 
     targets = config.target_modules
     if targets is None:
         model_type = getattr(gm, "meta", {}).get("fxpeft_model_type")
-        targets = _DEFAULT_TARGETS.get(method, {}).get(model_type)
+        targets = _default_targets(method, model_type)
         if targets is None:
             raise TargetError(
                 f"target_modules is not set and fxpeft has no default for model type {model_type!r}; "
                 f"pass target_modules, e.g. {sorted({n.rsplit('.', 1)[-1] for n in sites})[:6]} or 'all-linear'")
         if method == "ia3" and getattr(config, "feedforward_modules", None) is None:
-            config.feedforward_modules = _DEFAULT_FF.get(model_type)
+            config.feedforward_modules = _default_targets("ia3_ff", model_type)
     if isinstance(targets, str) and targets.lower() in ("all-linear", "all_linear"):
         heads = output_heads(gm, sites)
         chosen = [s for s in sites.values() if s.kind == "linear" and s.name not in heads]

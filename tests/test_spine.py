@@ -370,3 +370,17 @@ def test_bf16_merge_computes_delta_in_fp32():
     assert torch.equal(gm.get_parameter(site.weight), want)
     with torch.no_grad():
         assert rel_err(gm(input_ids=ids).logits.float(), unmerged) <= 2e-2  # bf16 rounding of the weights
+
+
+def test_peft_config_objects_are_accepted_and_batch_one_warns():
+    import peft
+
+    model, _, kwargs = zoo.tiny_llama()
+    gm = fxpeft.trace(model, kwargs=kwargs)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    fxpeft.rewrite(gm, cfg)
+    assert fxpeft.get_nb_trainable_parameters(gm) == peft_counts(model, cfg)
+    with pytest.raises(fxpeft.FxPeftError, match="DoRA"):
+        fxpeft.rewrite(fxpeft.trace(model, kwargs=kwargs), peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    with pytest.warns(UserWarning, match="size-1 dims"):
+        fxpeft.trace(model, kwargs={"input_ids": kwargs["input_ids"][:1], "use_cache": False})
