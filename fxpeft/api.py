@@ -355,4 +355,6 @@ def print_trainable_parameters(model: nn.Module) -> None:
 
 def adapters(gm: fx.GraphModule) -> dict[str, AdapterModule]:
     """Every adapter submodule of ``gm`` by path (found by type, never by name)."""
-    return {n: m for n, m in gm.named_modules() if isinstance(m, AdapterModule)}
+    from .passes.inject import adapter_modules
+
+    return adapter_modules(gm)

@@ -143,20 +143,17 @@ def _prepare_dir(directory: str | os.PathLike) -> str:
 
 
 def _target_match(spec: list[str] | str, name: str) -> bool:
-    """PEFT's ``target_modules`` / ``exclude_modules`` rule: a regex string full-matches; a list entry is the
-    name itself or a trailing run of its dotted components."""
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return name in spec or any(name.endswith(f".{t}") for t in spec)
+    """PEFT's ``target_modules`` / ``exclude_modules`` rule (the one ``rewrite`` uses)."""
+    from .passes.inject import _matches
+
+    return _matches(spec, name)
 
 
 def _ff_match(spec: list[str] | str | None, name: str) -> bool:
-    """PEFT's IA3 ``feedforward_modules`` rule: a regex full-matches; a list entry is a plain string suffix."""
-    if not spec:
-        return False
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(name.endswith(k) for k in spec)
+    """PEFT's IA3 ``feedforward_modules`` rule (the one the IA3 pass uses)."""
+    from .passes.ia3 import IA3Config, is_feedforward
+
+    return is_feedforward(IA3Config(feedforward_modules=spec), name)
 
 
 def _exact_regex(names) -> str:

@@ -19,7 +19,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from fxpeft.errors import MergeError
 from fxpeft.registry import PeftRegistry
-from fxpeft.sites import FXPEFT_META, Site, find_sites
+from fxpeft.sites import FXPEFT_META, Site, _attr, find_sites
 
 from .inject import adapter_tags
 
@@ -46,9 +46,9 @@ def _readers_index(gm: fx.GraphModule) -> dict[int, list[fx.Node]]:
     index: dict[int, list[fx.Node]] = {}
     for n in gm.graph.nodes:
         if n.op == "get_attr" and FXPEFT_META not in n.meta:
-            index.setdefault(id(_get(gm, n.target)), []).extend(n.users)
+            index.setdefault(id(_attr(gm, n.target)), []).extend(n.users)
         elif n.op == "call_module":
-            w = getattr(_get(gm, n.target), "weight", None)
+            w = getattr(_attr(gm, n.target), "weight", None)
             if w is not None:
                 index.setdefault(id(w), []).append(n)
     return index
@@ -64,15 +64,6 @@ def _fits(t: torch.Tensor, dtype: torch.dtype) -> bool:
 
 def _own_readers(site: Site) -> set[fx.Node]:
     return {c.weight_user or c.node for c in site.calls}
-
-
-def _get(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
 
 
 def _untie(gm: fx.GraphModule, site: Site, merged: torch.Tensor, weight: nn.Parameter) -> str:
