@@ -95,7 +95,18 @@ def _near(target: str, gm: fx.GraphModule, sites: dict[str, Site]) -> str:
     not_site = sorted(m for m in modules if m and (m == target or m.endswith(f".{target}")) and m not in sites)
     msg = ""
     if not_site:
-        msg += f" {not_site[0]!r} exists but applies no linear/conv/embedding weight of its own."
+        m = not_site[0]
+        leaves_called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+        outer = next((c for c in leaves_called if m.startswith(f"{c}.")), None)
+        mod = gm.get_submodule(m) if m in dict(gm.named_modules()) else None
+        if outer is not None:  # symbolic_trace kept the enclosing module opaque
+            msg += (f" {m!r} sits inside {outer!r}, which the graph calls as one opaque module; trace with example "
+                    "inputs (fxpeft.trace(model, args, kwargs)) to see inside it.")
+        elif isinstance(mod, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)) and mod.padding_mode != "zeros":
+            msg += (f" {m!r} pads with padding_mode={mod.padding_mode!r}, which a symbolic_trace site cannot see; "
+                    "trace with example inputs, where the padding is its own op.")
+        else:
+            msg += f" {m!r} exists but applies no linear/conv/embedding weight of its own."
     if close:
         msg += f" Did you mean one of {close}?"
     return msg + f" Targetable sites: {leaves[:12]}{' ...' if len(leaves) > 12 else ''}; fxpeft.list_sites(gm) lists all {len(names)}."

@@ -120,3 +120,22 @@ def test_missing_target_modules_without_default():
     gm = fxpeft.trace(torch.nn.Sequential(torch.nn.Linear(4, 4)))
     with pytest.raises(fxpeft.TargetError, match="target_modules is not set"):
         fxpeft.rewrite(gm, fxpeft.LoraConfig(r=2))
+
+
+def test_symbolic_trace_leaf_and_padding_mode_are_explained():
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect")
+
+        def forward(self, x, y):
+            return self.enc(x), self.conv(y)
+
+    gm = fxpeft.trace(M())
+    snap = snapshot(gm)
+    with pytest.raises(fxpeft.TargetError, match="'enc.linear1' sits inside 'enc'.*example inputs"):
+        fxpeft.rewrite(gm, fxpeft.LoraConfig(target_modules=["linear1"]))
+    with pytest.raises(fxpeft.TargetError, match="padding_mode='reflect'"):
+        fxpeft.rewrite(gm, fxpeft.LoraConfig(target_modules=["conv"]))
+    assert_unchanged(gm, snap)
