@@ -6,6 +6,7 @@ Nothing in the graph or the module changes until every check has passed, so a fa
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 import warnings
@@ -213,12 +214,13 @@ class InjectAdapter:
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         method = PeftRegistry.for_config(self.config)
+        config = copy.copy(self.config)  # defaults filled in below must not leak into the caller's object
         if not (isinstance(self.adapter_name, str) and self.adapter_name.isidentifier()):
             raise ConfigError(f"adapter_name {self.adapter_name!r} must be a Python identifier, e.g. 'default'")
-        method.validate_config(self.config)
+        method.validate_config(config)
         sites = find_sites(gm)
-        chosen = select_sites(gm, self.config, method.name, sites)
-        bad = [(s.name, why) for s in chosen if (why := method.check_site(s, self.config))]
+        chosen = select_sites(gm, config, method.name, sites)
+        bad = [(s.name, why) for s in chosen if (why := method.check_site(s, config))]
         if bad:
             lines = "; ".join(f"{n}: {w}" for n, w in bad[:5])
             raise UnsupportedSiteError(
@@ -244,10 +246,10 @@ class InjectAdapter:
             if hasattr(owner, leaf):
                 raise AdapterExistsError(f"attribute {paths[s.name]!r} already exists; pick another adapter_name")
         for field in ("rank_pattern", "alpha_pattern"):
-            for key in getattr(self.config, field, None) or {}:
+            for key in getattr(config, field, None) or {}:
                 if not any(re.match(rf"(.*\.)?({key})$", s.name) for s in chosen):
                     warnings.warn(f"{field} key {key!r} matches none of the {len(chosen)} targeted sites; it has no effect")
-        adapters = {s.name: method.build(s, self.config, self.adapter_name, gm.get_parameter(s.weight)) for s in chosen}
+        adapters = {s.name: method.build(s, config, self.adapter_name, gm.get_parameter(s.weight)) for s in chosen}
 
         # ---- validated: mutate from here on ----
         dialect = graph_dialect(gm)
