@@ -8,6 +8,8 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
+from fxpeft.sites import _attr
+
 __all__ = ["DropoutToModule"]
 
 _DROPOUT_OPS = {torch.ops.aten.dropout.default: nn.Dropout, torch.ops.aten.feature_dropout.default: nn.Dropout2d,
@@ -34,7 +36,7 @@ class DropoutToModule:
             path = list(stack.values())[-1][0] if stack else "dropout"
             path = path or "dropout"
             base, k = path, 1
-            while _taken(gm, path):
+            while _attr(gm, path) is not None:
                 path, k = f"{base}_{k}", k + 1
             gm.add_submodule(path, cls(p=float(node.args[1])))
             with gm.graph.inserting_before(node):
@@ -48,11 +50,3 @@ class DropoutToModule:
             gm.recompile()
         return PassResult(gm, modified)
 
-
-def _taken(gm: fx.GraphModule, path: str) -> bool:
-    obj = gm
-    for part in path.split("."):
-        if not hasattr(obj, part):
-            return False
-        obj = getattr(obj, part)
-    return True

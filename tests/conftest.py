@@ -6,7 +6,6 @@ import copy
 import os
 import warnings
 
-import pytest
 import torch
 
 # Two xdist workers on two cores: one intra-op thread each, or they fight over the cores.
