@@ -11,7 +11,8 @@ Example:
     >>> merged = fxpeft.merge(gm)          # a plain graph again
 """
 
-from . import passes  # noqa: F401  (registers LoRA and IA3)
+from . import methods  # noqa: F401  (registers LoRA and IA3)
+from . import passes  # noqa: F401
 from .api import (
     adapters,
     export,
@@ -35,9 +36,9 @@ from .errors import (
 )
 from .graph import to_networkx
 from .io import config_from_peft, load_adapter, save_adapter, save_merged
-from .passes.ia3 import IA3Config
-from .passes.lora import LoraConfig
-from .registry import AdapterModule, Method, PeftRegistry
+from .methods import IA3Config, LoraConfig
+from .registry import AdapterModule, Emit, Method, PeftConfigBase, PeftRegistry
+from .tags import AdapterTag, GraphInfo, Role
 from .sites import Site, find_sites, list_sites
 from .viz import draw
 
@@ -65,6 +66,11 @@ __all__ = [
     "PeftRegistry",
     "Method",
     "AdapterModule",
+    "PeftConfigBase",
+    "Emit",
+    "Role",
+    "AdapterTag",
+    "GraphInfo",
     "FxPeftError",
     "TraceError",
     "ConfigError",

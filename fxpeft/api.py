@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import warnings
 from typing import Any
@@ -13,7 +14,10 @@ from torch import fx, nn
 from torch.fx.graph import _PyTreeCodeGen
 
 from .errors import TraceError
+from .io import config_from_peft
+from .pipeline import rewrite_graph
 from .registry import AdapterModule
+from .tags import INFO_KEY, GraphInfo, graph_info, set_graph_info
 
 __all__ = ["trace", "rewrite", "merge", "export", "get_nb_trainable_parameters", "print_trainable_parameters"]
 
@@ -84,14 +88,18 @@ def _export_program(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes,
 
 
 def _record(gm: fx.GraphModule, model: nn.Module, dialect: str) -> None:
-    gm.meta["fxpeft_dialect"] = dialect
+    """Write the graph's :class:`~fxpeft.tags.GraphInfo` (what later passes need to know about the model)."""
     cfg = getattr(model, "config", None)
-    gm.meta["fxpeft_model_type"] = getattr(cfg, "model_type", None)
-    gm.meta["fxpeft_model_class"] = type(model).__name__  # survives deepcopy (the GraphModule class name does not)
-    get_out = getattr(model, "get_output_embeddings", None)
-    if callable(get_out):  # HF models: "all-linear" leaves out exactly what PEFT leaves out
-        head = get_out()
-        gm.meta["fxpeft_output_head"] = next((n for n, m in model.named_modules() if m is head), "") if head is not None else ""
+    transformers = sys.modules.get("transformers")
+    is_hf = transformers is not None and isinstance(model, getattr(transformers, "PreTrainedModel", ()))
+    head = None
+    if is_hf:  # "all-linear" leaves out exactly what PEFT leaves out
+        out = model.get_output_embeddings()
+        head = next((n for n, m in model.named_modules() if m is out), "") if out is not None else ""
+    info = graph_info(gm) if isinstance(getattr(gm, "meta", {}).get(INFO_KEY), GraphInfo) else GraphInfo()
+    info.dialect, info.model_type, info.model_class = dialect, getattr(cfg, "model_type", None), type(model).__name__
+    info.output_head, info.is_transformers = head, is_hf
+    set_graph_info(gm, info)
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, strict: bool) -> fx.GraphModule:
@@ -220,8 +228,8 @@ def rewrite(gm: fx.GraphModule, config: Any, adapter_name: str = "default", *, f
         gm: a graph from :func:`trace`.
         config: :class:`fxpeft.LoraConfig`, :class:`fxpeft.IA3Config`, or another registered method's config.
         adapter_name: key of this adapter.
-        fuse: fuse sibling LoRA sites (sites reading one input, e.g. q/k/v) into one dropout and one LoRA-A
-            matmul (:class:`fxpeft.passes.fuse.FuseLoraSiblings`): faster, and siblings share one dropout mask.
+        fuse: fuse sibling low-rank sites (sites reading one input, e.g. q/k/v) into one dropout and one down
+            matmul (:class:`fxpeft.passes.FuseLowRankSiblings`): faster, and siblings share one dropout mask.
             Parameters and saved files stay per site. ``fuse=False`` keeps one chain (and mask) per site.
 
     Returns:
@@ -237,20 +245,9 @@ def rewrite(gm: fx.GraphModule, config: Any, adapter_name: str = "default", *, f
         >>> sorted(n for n, p in gm.named_parameters() if p.requires_grad)
         ['0.lora_default.A', '0.lora_default.B']
     """
-    from .passes.fuse import FuseLoraSiblings
-    from .passes.inject import InjectAdapter
-
     if type(config).__module__.split(".")[0] == "peft":  # a PEFT user's own config object works as is
-        from .io import config_from_peft
-
         config = config_from_peft(config)
-    if not fuse:
-        return InjectAdapter(config, adapter_name)(gm).graph_module
-    # Code generation is the costliest step on a big graph: do it once, after fusion.
-    InjectAdapter(config, adapter_name, recompile=False)(gm)
-    if not FuseLoraSiblings(adapter_names=(adapter_name,))(gm).modified:
-        gm.recompile()
-    return gm
+    return rewrite_graph(gm, config, adapter_name, fuse=fuse)
 
 
 def merge(gm: fx.GraphModule, adapter_names: list[str] | None = None) -> fx.GraphModule:
@@ -269,6 +266,7 @@ def merge(gm: fx.GraphModule, adapter_names: list[str] | None = None) -> fx.Grap
 
     Raises:
         MergeError: a merged weight would be NaN/inf; nothing was changed.
+        ConfigError: ``adapter_names`` names an adapter ``gm`` does not hold (the message lists those it holds).
 
     Example:
         >>> import torch, fxpeft
@@ -280,6 +278,8 @@ def merge(gm: fx.GraphModule, adapter_names: list[str] | None = None) -> fx.Grap
     """
     from .passes.merge import MergeAdapters
 
+    if isinstance(adapter_names, str):
+        adapter_names = [adapter_names]
     names = tuple(adapter_names) if adapter_names is not None else None
     return MergeAdapters(names)(gm).graph_module
 

@@ -18,7 +18,8 @@ import networkx as nx
 import torch
 from torch import fx, nn
 
-from .sites import FXPEFT_META, find_sites, graph_dialect
+from .sites import find_sites, graph_dialect
+from .tags import get_tag, tag_dict
 
 __all__ = ["to_networkx", "sites_sharing_input", "NODE_ATTRS"]
 
@@ -196,21 +197,21 @@ def _stacks(gm: fx.GraphModule, nodes: list[fx.Node], site_of: dict[fx.Node, str
 
     out: dict[fx.Node, tuple] = {}
     for n in nodes:
-        tag = n.meta.get(FXPEFT_META)
-        if tag is not None and "module" in tag:
-            mod = _attr(gm, tag["module"])
-            entry = ((tag["module"], type(mod).__name__ if mod is not None else "Adapter"),)
-            fused = tag.get("fused") or ()
+        tag = get_tag(n)
+        if tag is not None:
+            mod = _attr(gm, tag.module)
+            entry = ((tag.module, type(mod).__name__ if mod is not None else "Adapter"),)
+            fused = tag.fused
             if len(fused) > 1:
                 # A node shared by fused sibling sites (q/k/v's one LoRA-A matmul) belongs to all of them:
                 # it sits in their innermost common module (the attention block), not in the first site.
-                owners = [for_path(site_owner(_adapter_site(m, tag))) for m in fused]
+                owners = [for_path(site_owner(getattr(_attr(gm, m), "site_name", tag.site))) for m in fused]
                 common = 0
                 while all(len(o) > common and o[common] == owners[0][common] for o in owners):
                     common += 1
                 out[n] = owners[0][:common] + entry
             else:
-                out[n] = for_path(site_owner(tag["site"])) + entry
+                out[n] = for_path(site_owner(tag.site)) + entry
         elif rec[n]:
             out[n] = rec[n]
         elif n in site_of:
@@ -228,12 +229,13 @@ def _stacks(gm: fx.GraphModule, nodes: list[fx.Node], site_of: dict[fx.Node, str
     return out
 
 
-def _adapter_site(module: str, tag: dict) -> str:
-    """The site an adapter module path hangs off: ``a.q_proj.lora_default`` -> ``a.q_proj``."""
-    suffix = f"{tag['method']}_{tag['adapter']}"
-    if module.endswith(suffix) and len(module) > len(suffix) and module[-len(suffix) - 1] in "._":
-        return module[: -len(suffix) - 1]
-    return module.rpartition(".")[0]
+def _adapter_view(gm: nn.Module, tag) -> dict | None:
+    """A node's tag as plain data, with the sites of a fused group (read off the adapter modules)."""
+    if tag is None:
+        return None
+    d = tag_dict(tag)
+    d["fused_sites"] = tuple(getattr(_attr(gm, m), "site_name", m) for m in tag.fused)
+    return d
 
 
 def _dim_names(nodes: list[fx.Node], values: dict[fx.Node, Any]) -> dict[str, str]:
@@ -317,10 +319,10 @@ def to_networkx(gm: fx.GraphModule | fx.Graph, *, infer_shapes: bool = True) -> 
             if isinstance(w, torch.Tensor):
                 param_shape = tuple(w.shape)
         stack = stacks[n]
-        tag = n.meta.get(FXPEFT_META)
+        tag = get_tag(n)
         g.add_node(n.name, op=n.op, target=_target_str(n), opname=_opname(n, owner),
                    module=stack[-1][0] if stack else "", module_class=stack[-1][1] if stack else type(owner).__name__,
-                   module_stack=stack, adapter=dict(tag) if tag is not None else None, site=site_of.get(n),
+                   module_stack=stack, adapter=_adapter_view(owner, tag), site=site_of.get(n),
                    shape=shape, dtype=dtype, value=kind, param_shape=param_shape, order=i)
     for n in nodes:
         for a in n.all_input_nodes:

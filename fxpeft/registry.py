@@ -1,46 +1,61 @@
-"""The method registry: a PEFT method is a config, an inject rule and a fold (merge) rule.
+"""The method interface: a PEFT method is one file that subclasses :class:`Method` and registers it.
 
-A new method is one file in ``passes/`` that subclasses :class:`Method` and registers it::
+The file owns everything about the method: its config (PEFT's field names), which sites it adapts and its
+default targets, the adapter submodule it builds, the nodes it inserts (through :class:`Emit`), how it folds
+into the weight and back, and its PEFT file format (tensor keys and ``adapter_config.json`` fields). The
+generic passes (``fxpeft.passes``), ``io``, ``cli`` and ``viz`` only call these hooks::
 
-    @PeftRegistry.register("lora")
-    class Lora(Method):
-        config_cls = LoraConfig
+    @PeftRegistry.register("bitfit")
+    class BitFit(Method):
+        config_cls = BitFitConfig
         ...
 
-The generic passes (``fxpeft.passes.inject``, ``fxpeft.passes.merge``) do the graph surgery bookkeeping
-(targeting, validation, tagging, freezing, removal); the method only says what to build and how to fold it.
+See ``examples/custom_method.py`` for a complete method written against the public API only.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import math
 from typing import Any, ClassVar
 
 import torch
 from torch import fx, nn
 
-from .errors import ConfigError
+from .errors import AdapterFileError, ConfigError
 from .sites import Call, Site
+from .tags import AdapterTag, Role, set_tag
 
-__all__ = ["PeftRegistry", "Method", "AdapterModule", "PeftConfigBase", "Emit"]
+__all__ = ["PeftRegistry", "Method", "AdapterModule", "PeftConfigBase", "Emit", "fx_callable"]
 
 
-@dataclass
+@dataclasses.dataclass
 class PeftConfigBase:
-    """Fields every method's config has. ``peft_type`` names the registered method."""
+    """Fields every method's config has, with PEFT's names. ``peft_type`` names the registered method."""
 
     peft_type: ClassVar[str] = ""
 
-    def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        return {"peft_type": self.peft_type.upper(), **asdict(self)}
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    #: keep the adapter in the base weight's dtype; False (PEFT's default) keeps it in fp32 on a bf16/fp16 base
+    #: and casts around it in the graph, as PEFT's ``autocast_adapter_dtype=True`` does.
+    keep_base_dtype: bool = False
 
 
 class AdapterModule(nn.Module):
     """Base class of the small submodules that hold one adapter's parameters at one site.
 
-    Passes find adapters by this type and by node tags, never by attribute names.
+    Passes find adapters by this type and by node tags, never by attribute names. Run-time state (whether
+    the adapter is on) lives in the ``gate`` buffer, which the graph reads on every call: switching an
+    adapter off needs no new code and no recompile.
+
+    Example:
+        >>> import torch, fxpeft
+        >>> gm = fxpeft.rewrite(fxpeft.trace(torch.nn.Sequential(torch.nn.Linear(4, 4))),
+        ...                     fxpeft.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+        >>> x = torch.randn(2, 4); (ad,) = fxpeft.adapters(gm).values()
+        >>> ad.set_active(False); bool((gm(x) == gm.get_submodule("0")(x)).all())
+        True
     """
 
     method: ClassVar[str] = ""
@@ -49,71 +64,168 @@ class AdapterModule(nn.Module):
         super().__init__()
         self.site_name = site_name
         self.adapter_name = adapter_name
+        self.register_buffer("gate", torch.ones(()), persistent=False)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.gate)
+
+    def set_active(self, on: bool) -> None:
+        """Switch the adapter on or off for every later call (graph and compiled code unchanged)."""
+        with torch.no_grad():
+            self.gate.fill_(1.0 if on else 0.0)
 
     def extra_repr(self) -> str:
         return f"site={self.site_name!r}, adapter={self.adapter_name!r}"
 
 
-class Emit:
-    """Inserts tagged nodes into a graph with the right ops for its dialect.
+def fx_callable(op: torch._ops.OpOverload):
+    """The symbolic-dialect function for an aten op: the one rule that maps the two dialects.
 
-    Every node created through it carries ``node.meta["fxpeft"] = {method, adapter, site, role, module}``.
+    ``torch.<name>`` / ``torch._C._nn.<name>`` are the generated bindings of the aten op of that name, with the
+    same schema (arguments, order, defaults), so a node built for one dialect computes the same in the other.
+    Ops without a public binding (``_to_copy``) are called as the aten op itself, which works in both.
+    """
+    name = op._schema.name.split("::", 1)[1]
+    for namespace in (torch._C._VariableFunctions, torch._C._nn):
+        fn = getattr(namespace, name, None)
+        if fn is not None:
+            return fn
+    return op
+
+
+class Emit:
+    """Builds one adapter's nodes at one call, in the graph's dialect, each tagged with an :class:`AdapterTag`.
+
+    Methods write aten ops (``torch.ops.aten.linear.default``); in a symbolic_trace graph :func:`fx_callable`
+    maps them to the torch function of the same schema. Inserted nodes inherit the call's module stack.
+
+    Attributes:
+        call: the site call being adapted (``call.node`` computes the base output, ``call.input`` is ``x``).
+        site: the site.
+        export: the graph is in the export (aten) dialect.
     """
 
-    def __init__(self, gm: fx.GraphModule, dialect: str, method: str, adapter: str, site: str, module: str,
-                 anchor: fx.Node | None = None):
-        self.graph = gm.graph
-        self.anchor = anchor  # the site's call: inserted nodes inherit its module stack
-        self.export = dialect == "export"
-        self.tag = {"method": method, "adapter": adapter, "site": site, "module": module}
+    def __init__(self, gm: fx.GraphModule, tag: AdapterTag, call: Call, site: Site, export: bool) -> None:
+        self.gm, self.graph, self.tag, self.call, self.site, self.export = gm, gm.graph, tag, call, site, export
 
-    def _node(self, op: str, target, args, role: str, meta_from: fx.Node | None = None) -> fx.Node:
-        # Names like ``q_proj_lora_A`` make gm.code read as the adapter it is.
-        node = self.graph.create_node(op, target, tuple(args), name=f"{self.tag['site'].replace('.', '_')}_{role}")
-        node.meta["fxpeft"] = dict(self.tag, role=role)
-        meta_from = meta_from if meta_from is not None else self.anchor
-        if meta_from is not None and "nn_module_stack" in meta_from.meta:
-            node.meta["nn_module_stack"] = dict(meta_from.meta["nn_module_stack"])
+    def _node(self, op: str, target, args, kwargs, role: Role, replaces: int | None = None) -> fx.Node:
+        # Names like ``q_proj_down`` make gm.code read as the adapter it is.
+        stem = self.tag.site.replace(".", "_").replace(":", "_")
+        node = self.graph.create_node(op, target, tuple(args), dict(kwargs), name=f"{stem}_{role.value}")
+        set_tag(node, self.tag.with_role(role, replaces=replaces))
+        if "nn_module_stack" in self.call.node.meta:
+            node.meta["nn_module_stack"] = dict(self.call.node.meta["nn_module_stack"])
         return node
 
-    def get_attr(self, attr: str, role: str) -> fx.Node:
-        return self._node("get_attr", f"{self.tag['module']}.{attr}", (), role)
+    def op(self, aten_op: torch._ops.OpOverload, *args, role: Role = Role.COMPUTE, replaces: int | None = None,
+           **kwargs) -> fx.Node:
+        """A ``call_function`` node of ``aten_op`` (mapped to the graph's dialect)."""
+        target = aten_op if self.export else fx_callable(aten_op)
+        return self._node("call_function", target, args, kwargs, role, replaces)
 
-    def call_module(self, sub: str, x: fx.Node, role: str) -> fx.Node:
-        return self._node("call_module", f"{self.tag['module']}.{sub}", (x,), role)
+    def param(self, attr: str, role: Role = Role.PARAM) -> fx.Node:
+        """Read a parameter or buffer of this adapter's submodule."""
+        return self._node("get_attr", f"{self.tag.module}.{attr}", (), {}, role)
 
-    def fn(self, which: str, *args, role: str) -> fx.Node:
-        aten = torch.ops.aten
-        table = {
-            "linear": (aten.linear.default, torch.nn.functional.linear),
-            "mul": (aten.mul.Tensor, torch.mul),
-            "add": (aten.add.Tensor, torch.add),
-            "t": (aten.t.default, torch.t),
-            "embedding": (aten.embedding.default, torch.nn.functional.embedding),
-            "conv1d": (aten.conv1d.default, torch.nn.functional.conv1d),
-            "conv2d": (aten.conv2d.default, torch.nn.functional.conv2d),
-            "conv3d": (aten.conv3d.default, torch.nn.functional.conv3d),
-            "conv1d_str": (aten.conv1d.padding, torch.nn.functional.conv1d),
-            "conv2d_str": (aten.conv2d.padding, torch.nn.functional.conv2d),
-            "conv3d_str": (aten.conv3d.padding, torch.nn.functional.conv3d),
-        }
-        return self._node("call_function", table[which][0 if self.export else 1], args, role)
+    def shared(self, attr: str, role: Role = Role.PARAM) -> fx.Node:
+        """Read a tensor of the method's state shared by every site of this adapter (see :meth:`Method.shared_state`)."""
+        return self._node("get_attr", f"{Method.shared_path(self.tag.method, self.tag.adapter)}.{attr}", (), {}, role)
+
+    def module(self, sub: str, *args, role: Role = Role.COMPUTE) -> fx.Node:
+        """Call a submodule of this adapter's submodule (a dropout, so ``train()``/``eval()`` switches it)."""
+        return self._node("call_module", f"{self.tag.module}.{sub}", args, {}, role)
+
+    def weight(self) -> fx.Node:
+        """The site's base weight as a graph value, in its stored layout (``site.fan_in_fan_out`` says which)."""
+        return self._node("get_attr", self.site.weight, (), {}, Role.BASE_WEIGHT)
+
+    def bias(self) -> fx.Node | None:
+        """The site's base bias as a graph value, or None."""
+        return None if self.site.bias is None else self._node("get_attr", self.site.bias, (), {}, Role.BASE_BIAS)
+
+    def cast(self, x: fx.Node, dtype: torch.dtype, role: Role = Role.CAST, replaces: int | None = None) -> fx.Node:
+        """``x.to(dtype)`` as a node (the casts around an fp32 adapter on a bf16 base)."""
+        return self.op(torch.ops.aten._to_copy.default, x, role=role, replaces=replaces, dtype=dtype)
+
+    def replace_output(self, out: fx.Node) -> None:
+        """Make every user of the call's output read ``out`` instead (``out`` is tagged ``OUT``)."""
+        y = self.call.node
+        y.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out and not _inside(user, self.tag))
+
+    def replace_input(self, old: fx.Node, new: fx.Node) -> None:
+        """Make the call (or its weight's transpose) read ``new`` where it read ``old`` (its input or weight)."""
+        for user in {self.call.node, self.call.weight_user} - {None}:
+            user.replace_input_with(old, new)
+
+
+def _inside(node: fx.Node, tag: AdapterTag) -> bool:
+    from .tags import get_tag
+
+    other = get_tag(node)
+    return other is not None and other.module == tag.module
 
 
 class Method:
-    """One PEFT method. Subclasses set ``config_cls`` and implement the four hooks below."""
+    """One PEFT method. Subclasses set the class attributes and implement the hooks.
+
+    Class attributes:
+        config_cls: the config dataclass (a :class:`PeftConfigBase`), with PEFT's field names.
+        display_name: how people write the method (``"LoRA"``); drawings and messages use it.
+        color: ``(fill, border)`` colours for drawings.
+        site_kinds: the site kinds the method can adapt.
+        spec_aliases: short CLI keys for config fields (``{"alpha": "lora_alpha"}``).
+        default_targets: ``target_modules`` by HF ``model_type`` when the config leaves it unset.
+        peft_default_table: name of PEFT's own table of defaults in ``peft.utils.constants`` (preferred when PEFT
+            is installed: it knows more model families).
+        peft_fields: ``adapter_config.json`` fields that do not change what the adapter computes, beyond the
+            config's own fields (PEFT bookkeeping); any other set field is refused on load.
+    """
 
     name: ClassVar[str] = ""
     config_cls: ClassVar[type] = PeftConfigBase
+    display_name: ClassVar[str] = ""
+    color: ClassVar[tuple[str, str]] = ("#dee2e6", "#495057")
+    site_kinds: ClassVar[frozenset[str]] = frozenset({"linear", "conv", "embedding"})
+    spec_aliases: ClassVar[dict[str, str]] = {}
+    default_targets: ClassVar[dict[str, list[str]]] = {}
+    peft_default_table: ClassVar[str | None] = None
+    peft_fields: ClassVar[frozenset[str]] = frozenset()
 
+    # ---------------------------------------------------------------------------------------- config
     @classmethod
     def validate_config(cls, config: Any) -> None:
-        """Raise :class:`ConfigError` for invalid field values."""
+        """Raise :class:`ConfigError` naming the field for any invalid value."""
+
+    @classmethod
+    def fill_defaults(cls, config: Any, model_type: str | None) -> Any:
+        """Return ``config`` (a copy) with fields that depend on the model filled in (called before targeting)."""
+        return config
 
     @classmethod
     def check_site(cls, site: Site, config: Any) -> str | None:
         """Return why the method cannot adapt ``site``, or None if it can."""
+        if site.kind not in cls.site_kinds:
+            return f"{cls.display_name or cls.name} adapts {sorted(cls.site_kinds)} sites, not {site.kind}"
         return None
+
+    @classmethod
+    def check_selection(cls, config: Any, sites: list[Site]) -> None:
+        """Check (or warn about) the config against the chosen sites as a whole, before any change."""
+
+    # ---------------------------------------------------------------------------------------- graph
+    @classmethod
+    def shared_state(cls, config: Any, sites: list[Site], adapter_name: str, dtype: torch.dtype,
+                     device: torch.device) -> nn.Module | None:
+        """State shared by every site of one adapter (VeRA's frozen matrices, a prompt table), or None.
+
+        It lives at :meth:`shared_path` and is read in the graph with :meth:`Emit.shared`.
+        """
+        return None
+
+    @staticmethod
+    def shared_path(method: str, adapter_name: str) -> str:
+        return f"fxpeft_shared_{method}_{adapter_name}"
 
     @classmethod
     def build(cls, site: Site, config: Any, adapter_name: str, weight: torch.Tensor) -> AdapterModule:
@@ -121,36 +233,151 @@ class Method:
         raise NotImplementedError
 
     @classmethod
-    def insert(cls, emit: Emit, call: Call, site: Site, adapter: AdapterModule) -> None:
-        """Insert the adapter's nodes around one call. Must set exactly one node's role to ``"out"``.
+    def insert(cls, emit: Emit, site: Site, adapter: AdapterModule) -> None:
+        """Insert the adapter's nodes at ``emit.call``.
 
-        The ``"out"`` node's first argument is the value it replaces, so that the merge pass can bypass it.
+        Exactly one node per call is tagged ``Role.OUT`` with ``replaces=i``: it stands for ``args[i]`` (the
+        call's output, input or weight). Nodes between it and that value carry ``replaces`` too. Use
+        :meth:`Emit.replace_output` or :meth:`Emit.replace_input` to wire it in.
         """
         raise NotImplementedError
 
     @classmethod
     def fold(cls, adapter: AdapterModule, site: Site, weight: torch.Tensor, bias: torch.Tensor | None):
-        """Fold the adapter into fp32 copies of the base weight/bias; return (weight, bias)."""
+        """Fold the adapter into fp32 copies of the base weight/bias; return ``(weight, bias)``."""
         raise NotImplementedError
+
+    @classmethod
+    def unfold(cls, adapter: AdapterModule, site: Site, weight: torch.Tensor, bias: torch.Tensor | None):
+        """The inverse of :meth:`fold` (for unmerge); return ``(weight, bias)``."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------------------- file format
+    @classmethod
+    def site_tensors(cls, adapter: AdapterModule, site: Site) -> dict[str, torch.Tensor]:
+        """The adapter's tensors in PEFT's layout, keyed by PEFT's key suffix (``lora_A.weight``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def site_shapes(cls, config: Any, site: Site) -> dict[str, tuple[int, ...]]:
+        """The tensors a PEFT file holds for ``site`` under ``config``: key suffix -> shape."""
+        raise NotImplementedError
+
+    @classmethod
+    def load_site_tensors(cls, adapter: AdapterModule, site: Site, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy checked PEFT-layout tensors into the adapter (shapes already match :meth:`site_shapes`)."""
+        raise NotImplementedError
+
+    @classmethod
+    def site_settings(cls, config: Any, site: Site) -> dict[str, Any]:
+        """The per-site hyper-parameters ``config`` gives ``site`` (compared on save, so a file reloads exactly)."""
+        return {}
+
+    @classmethod
+    def adapter_settings(cls, adapter: AdapterModule) -> dict[str, Any]:
+        """The same hyper-parameters, read off a built adapter."""
+        return {}
+
+    @classmethod
+    def target_partition(cls, adapter: AdapterModule) -> Any:
+        """A value that ``target_modules`` keys must not mix (IA3: feed-forward or not); default: one class."""
+        return True
+
+    @classmethod
+    def config_fields(cls, adapters: dict[str, AdapterModule], sites: dict[str, Site], keys_for,
+                      target_modules: list[str]) -> dict[str, Any]:
+        """The method's ``adapter_config.json`` fields for these adapters (beyond ``target_modules``).
+
+        ``keys_for(values: dict[site, value], default)`` returns PEFT pattern keys that select exactly the
+        sites whose value is not ``default`` (for ``rank_pattern``-style fields). ``target_modules`` is the
+        list io writes (each key selects sites of one :meth:`target_partition`).
+        """
+        return {}
+
+    @classmethod
+    def differs_in_peft(cls, site: Site) -> str | None:
+        """Why PEFT would apply this site's adapter differently from the same file, or None."""
+        return None
+
+    @classmethod
+    def refused_keys(cls) -> dict[str, str]:
+        """Tensor-key suffixes of PEFT features the method does not implement: suffix -> feature."""
+        return {}
+
+    @classmethod
+    def config_from_peft(cls, fields: dict[str, Any]) -> Any:
+        """Build the config from PEFT's ``adapter_config.json`` fields (untrusted): typed errors name the field.
+
+        The default accepts the config's own fields and :attr:`peft_fields`, refuses any other field that is
+        set, and checks each value's type against the dataclass annotation.
+        """
+        return config_from_fields(cls, fields)
+
+
+def _type_ok(value: Any, annotation: str) -> bool:
+    """Whether a JSON value fits a dataclass field annotation written as a string (``from __future__``)."""
+    checks = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+              "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str),
+              "None": lambda v: v is None,
+              "list[str]": lambda v: isinstance(v, (list, tuple, set)) and all(isinstance(x, str) for x in v),
+              "dict[str, int]": lambda v: isinstance(v, dict) and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                         for x in v.values()),
+              "dict[str, float]": lambda v: isinstance(v, dict) and all(
+                  isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v.values())}
+    return any(checks.get(part.strip(), lambda v: True)(value) for part in annotation.split("|"))
+
+
+def config_from_fields(method: type[Method], fields: dict[str, Any]) -> Any:
+    """Check PEFT config fields against ``method.config_cls`` and build it (the default ``config_from_peft``)."""
+    own = {f.name: f for f in dataclasses.fields(method.config_cls)}
+    known = set(own) | set(method.peft_fields) | _PEFT_COMMON
+    unknown = {k: v for k, v in fields.items() if k not in known and v not in (None, False, {}, [], "")}
+    if unknown:
+        k, v = next(iter(unknown.items()))
+        raise AdapterFileError(f"the adapter sets {k}={v!r}, a {method.display_name or method.name} feature fxpeft "
+                               "does not implement" + (f" (also set: {sorted(unknown)[1:]})" if len(unknown) > 1 else ""))
+    kwargs = {}
+    for name, f in own.items():
+        if name not in fields or fields[name] is None and "None" not in str(f.type):
+            continue
+        value = fields[name]
+        if not _type_ok(value, str(f.type)):
+            raise AdapterFileError(f"adapter_config.json: {name}={value!r} is not a valid {f.type}; fix the field "
+                                   "or re-save the adapter")
+        kwargs[name] = sorted(value) if isinstance(value, (set, frozenset)) else value
+    try:
+        config = method.config_cls(**kwargs)
+        method.validate_config(config)
+    except ConfigError as e:
+        raise AdapterFileError(f"adapter_config.json: {e}") from None
+    return config
+
+
+# Fields of every PEFT config that do not change what an adapter computes.
+_PEFT_COMMON = frozenset({"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
+                          "auto_mapping", "peft_version", "fan_in_fan_out", "layers_pattern"})
 
 
 class PeftRegistry:
-    """Maps method names (``"lora"``, ``"ia3"``) to :class:`Method` classes.
+    """Maps method names (``"lora"``) to :class:`Method` classes.
 
     Example:
         >>> from fxpeft import PeftRegistry, LoraConfig
-        >>> PeftRegistry.for_config(LoraConfig(target_modules=["q"])).name
-        'lora'
+        >>> PeftRegistry.for_config(LoraConfig(target_modules=["q"])).display_name
+        'LoRA'
     """
 
     _methods: ClassVar[dict[str, type[Method]]] = {}
 
     @classmethod
     def register(cls, name: str):
+        """Class decorator registering a :class:`Method` under ``name`` (its ``peft_type`` is ``name.upper()``)."""
         def deco(method: type[Method]) -> type[Method]:
-            if name in cls._methods:
-                raise ValueError(f"method {name!r} is already registered")
+            if name in cls._methods and cls._methods[name] is not method:
+                raise ConfigError(f"method {name!r} is already registered; pick another name")
             method.name = name
+            method.display_name = method.display_name or name.upper()
             method.config_cls.peft_type = name.upper()
             cls._methods[name] = method
             return method
@@ -160,7 +387,7 @@ class PeftRegistry:
     @classmethod
     def get(cls, name: str) -> type[Method]:
         try:
-            return cls._methods[name.lower()]
+            return cls._methods[str(name).lower()]
         except KeyError:
             raise ConfigError(f"unknown PEFT method {name!r}; registered: {sorted(cls._methods)}") from None
 
@@ -177,3 +404,7 @@ class PeftRegistry:
     @classmethod
     def names(cls) -> list[str]:
         return sorted(cls._methods)
+
+    @classmethod
+    def methods(cls) -> list[type[Method]]:
+        return [cls._methods[n] for n in sorted(cls._methods)]

@@ -22,10 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["Call", "Site", "find_sites", "list_sites", "graph_dialect", "FXPEFT_META"]
+from .tags import get_tag, graph_info
 
-#: key of the tag that every node fxpeft inserts carries in ``node.meta``.
-FXPEFT_META = "fxpeft"
+__all__ = ["Call", "Site", "find_sites", "list_sites", "graph_dialect"]
 
 aten = torch.ops.aten
 
@@ -59,18 +58,21 @@ class Call:
 
     Attributes:
         node: the node computing the base output (``y = op(x, W, ...)``).
-        input_pos: where ``x`` sits in ``node.args`` (the indices, for an embedding).
+        input_pos: where ``x`` sits: its position in ``node.args``, or its keyword in ``node.kwargs``
+            (``F.linear(input=x, weight=w)``); for an embedding, the indices.
         weight_node: the ``get_attr`` node of the weight (None for ``call_module``).
         weight_user: the node whose input is ``weight_node`` (the call itself, or a transpose of ``W``).
     """
 
     node: fx.Node
-    input_pos: int
+    input_pos: int | str
     weight_node: fx.Node | None = None
     weight_user: fx.Node | None = None
 
     @property
     def input(self) -> fx.Node:
+        if isinstance(self.input_pos, str):
+            return self.node.kwargs[self.input_pos]
         return self.node.args[self.input_pos]
 
 
@@ -115,21 +117,11 @@ class Site:
             return (self.in_features, self.out_features)
         return (self.in_features, self.out_features) if self.fan_in_fan_out else (self.out_features, self.in_features)
 
-    def describe(self) -> str:
-        shape = "x".join(map(str, self.weight_shape))
-        extra = " fan_in_fan_out" if self.fan_in_fan_out else ""
-        return f"{self.name:<50} {self.kind:<9} {self.module_type:<22} weight[{shape}]{extra} calls={len(self.calls)}"
 
 
 def graph_dialect(gm: fx.GraphModule) -> str:
     """Return ``"export"`` for an ``ep.module()``-style aten graph, ``"fx"`` for a symbolic_trace graph."""
-    tagged = getattr(gm, "meta", {}).get("fxpeft_dialect")
-    if tagged:
-        return tagged
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload):
-            return "export"
-    return "fx"
+    return graph_info(gm).dialect
 
 
 def _attr(gm: fx.GraphModule, target: str):
@@ -170,6 +162,13 @@ def _arg(node: fx.Node, pos: int | None, name: str, default=None):
     if pos is not None and len(node.args) > pos:
         return node.args[pos]
     return node.kwargs.get(name, default)
+
+
+def _input_key(node: fx.Node, pos: int, name: str) -> int | str | None:
+    """Where a call's input sits: its position, or its keyword (``F.linear(input=x, weight=w)``)."""
+    if len(node.args) > pos:
+        return pos
+    return name if isinstance(node.kwargs.get(name), fx.Node) else None
 
 
 def _bias_target(gm: fx.GraphModule, bias) -> str | None:
@@ -226,11 +225,12 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> tuple[dict, Call] | None:
     if node.op == "call_module":
         mod = _attr(gm, node.target)
         w = getattr(mod, "weight", None)
-        if not isinstance(w, nn.Parameter) or not node.args:
+        key = _input_key(node, 0, "input")
+        if not isinstance(w, nn.Parameter) or key is None:
             return None
         fields = dict(name=node.target, weight=f"{node.target}.weight", module_type=type(mod).__name__,
                       bias=f"{node.target}.bias" if isinstance(getattr(mod, "bias", None), nn.Parameter) else None)
-        call = Call(node, 0)
+        call = Call(node, key)
         if isinstance(mod, nn.Linear):
             return dict(fields, kind="linear", in_features=w.shape[1], out_features=w.shape[0]), call
         if type(mod).__name__ == "Conv1D" and w.dim() == 2:  # HF GPT-2's transposed linear
@@ -254,7 +254,8 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> tuple[dict, Call] | None:
         if t in (aten.addmm.default, torch.addmm) and (node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1):
             return None
         p = _param_arg(gm, _arg(node, wpos, "weight"))
-        if p is None or _arg(node, xpos, "input") is None:
+        key = _input_key(node, xpos, "input")
+        if p is None or key is None:
             return None
         wnode, tnode, transposed = p
         w = _attr(gm, wnode.target)
@@ -266,10 +267,11 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> tuple[dict, Call] | None:
         name, cls = _site_name(gm, wnode.target, node)
         return (dict(name=name, kind="linear", weight=wnode.target, bias=bias, in_features=in_f, out_features=out_f,
                      fan_in_fan_out=stored_in_out, module_type=cls),
-                Call(node, xpos, wnode, tnode or node))
+                Call(node, key, wnode, tnode or node))
     if t in _CONV_OPS:
         p = _param_arg(gm, _arg(node, 1, "weight"))
-        if p is None or p[2]:
+        key = _input_key(node, 0, "input")
+        if p is None or p[2] or key is None:
             return None
         wnode = p[0]
         w = _attr(gm, wnode.target)
@@ -281,11 +283,12 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> tuple[dict, Call] | None:
         return (dict(name=name, kind="conv", weight=wnode.target, bias=_bias_target(gm, _arg(node, 2, "bias")),
                      in_features=w.shape[1] * groups, out_features=w.shape[0], kernel_size=tuple(w.shape[2:]),
                      stride=stride, padding=padding, dilation=dilation, groups=groups, module_type=cls),
-                Call(node, 0, wnode, node))
+                Call(node, key, wnode, node))
     if t in _EMBEDDING_OPS:
         ipos, wpos, ppos = _EMBEDDING_OPS[t]
         p = _param_arg(gm, _arg(node, wpos, "weight"))
-        if p is None or p[2]:
+        key = _input_key(node, ipos, "input" if t is F.embedding else "indices")
+        if p is None or p[2] or key is None:
             return None
         wnode = p[0]
         w = _attr(gm, wnode.target)
@@ -294,7 +297,7 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> tuple[dict, Call] | None:
         name, cls = _site_name(gm, wnode.target, node)
         return (dict(name=name, kind="embedding", weight=wnode.target, bias=None, in_features=w.shape[0],
                      out_features=w.shape[1], padding_idx=pad, module_type=cls),
-                Call(node, ipos, wnode, node))
+                Call(node, key, wnode, node))
     return None
 
 
@@ -317,7 +320,7 @@ def find_sites(gm: fx.GraphModule) -> dict[str, Site]:
     """
     sites: dict[str, Site] = {}
     for node in gm.graph.nodes:
-        if FXPEFT_META in node.meta:
+        if get_tag(node) is not None:
             continue
         m = _match(gm, node)
         if m is None:

@@ -32,18 +32,13 @@ from typing import Any
 import networkx as nx
 from torch import fx
 
-from .errors import DrawError, GraphvizNotFoundError
-from .graph import _adapter_site, to_networkx
+from .errors import DrawError, FxPeftError, GraphvizNotFoundError
+from .graph import to_networkx
+from .registry import PeftRegistry
 
-__all__ = ["draw", "to_dot", "METHOD_COLORS"]
+__all__ = ["draw", "to_dot"]
 
-#: ``method -> (fill, border)`` colours of adapter nodes; methods not listed take one from a spare palette.
-METHOD_COLORS: dict[str, tuple[str, str]] = {
-    "lora": ("#ffd8a8", "#e8590c"),
-    "ia3": ("#b2f2bb", "#2b8a3e"),
-}
 _SPARE_COLORS = [("#d0bfff", "#6741d9"), ("#a5d8ff", "#1971c2"), ("#fcc2d7", "#c2255c"), ("#ffec99", "#e67700")]
-_METHOD_NAMES = {"lora": "LoRA", "ia3": "IA3"}
 _ADDED, _REMOVED = "#2f9e44", "#e03131"
 _FORMATS = {".svg": "svg", ".png": "png", ".pdf": "pdf", ".dot": None, ".gv": None}
 
@@ -57,28 +52,37 @@ _MAYBE_NOOP_OPS = {"to", "to_copy", "type_as", "slice", "float", "type"}
 _DTYPE_NAMES = ("f16", "bf16", "f64", "i64", "i32", "i16", "i8", "u8", "bool", "c64", "f32")
 
 
+def _registered(method: str):
+    try:
+        return PeftRegistry.get(method)
+    except FxPeftError:
+        return None
+
+
 def _method_colors(method: str, methods: list[str]) -> tuple[str, str]:
-    if method in METHOD_COLORS:
-        return METHOD_COLORS[method]
-    spare = [m for m in methods if m not in METHOD_COLORS]
+    """A method's own colours (``Method.color``); an unregistered one takes one from a spare palette."""
+    m = _registered(method)
+    if m is not None:
+        return m.color
+    spare = [x for x in methods if _registered(x) is None]
     return _SPARE_COLORS[spare.index(method) % len(_SPARE_COLORS)] if method in spare else _SPARE_COLORS[0]
 
 
 def _method_name(method: str) -> str:
-    return _METHOD_NAMES.get(method, method.upper() if len(method) <= 4 else method)
+    m = _registered(method)
+    return m.display_name if m is not None else method
+
+
+_ROLE_TITLES = {"out": "+ {name}", "scale": "× scaling", "dropout": "dropout", "cast": "cast",
+                "down": "{name} A", "up": "{name} B", "down_weight": "{name} A", "up_weight": "{name} B",
+                "down_cat": "{name} A cat", "down_split": "{name} A split", "down_part": "{name} A part",
+                "scaling": "scaling", "base_weight": "W", "base_bias": "bias"}
 
 
 def _role_title(tag: dict) -> str:
-    """``lora_A`` -> ``LoRA A``, ``lora_A_cat`` -> ``LoRA A cat``, ``out`` -> ``+ LoRA``, ``scale`` -> ``× scaling``."""
+    """``down`` -> ``LoRA A``, ``down_cat`` -> ``LoRA A cat``, ``out`` -> ``+ LoRA``, ``scale`` -> ``× scaling``."""
     name, role = _method_name(tag["method"]), tag["role"]
-    if role == "out":
-        return f"+ {name}"
-    if role == "scale":
-        return "× scaling"
-    if role == "dropout":
-        return "dropout"
-    prefix = f"{tag['method']}_"
-    return f"{name} " + (role[len(prefix):] if role.startswith(prefix) else role).replace("_", " ")
+    return _ROLE_TITLES.get(role, f"{name} {role.replace('_', ' ')}").format(name=name)
 
 
 _SYMBOL = re.compile(r"^[A-Za-z_]\w*$")
@@ -604,7 +608,7 @@ class _Dot:
             if tag["role"] == "out":
                 sub.append(tag["site"].rsplit(".", 1)[-1])
             elif len(fused) > 1:
-                sub.append("fused " + ", ".join(_adapter_site(m, tag).rsplit(".", 1)[-1] for m in fused))
+                sub.append("fused " + ", ".join(site.rsplit(".", 1)[-1] for site in tag.get("fused_sites", fused)))
             if len(self.adapter_names) > 1:
                 sub.append(f"adapter {tag['adapter']}")
             shapes = self.s.params.get(n)

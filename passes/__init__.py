@@ -1,12 +1,14 @@
-"""fxpeft's graph passes. Each pass is a frozen dataclass ``GraphModule -> PassResult``.
+"""fxpeft's generic graph passes. Each pass is a frozen dataclass ``GraphModule -> PassResult``: idempotent,
+atomic (a failure leaves the graph as it was), and it lints and recompiles at the end. No pass names a method.
 
 Shipped as ``fxpeft.passes``; always import it under that name.
 """
 
-from . import ia3, lora  # noqa: F401  (registers the methods)
-from .fuse import FuseLoraSiblings, UnfuseLoraSiblings
+from .fuse import FuseLowRankSiblings, UnfuseLowRankSiblings
 from .inject import InjectAdapter
 from .merge import MergeAdapters
 from .normalize import DropoutToModule
+from .remove import RemoveAdapters
 
-__all__ = ["InjectAdapter", "MergeAdapters", "DropoutToModule", "FuseLoraSiblings", "UnfuseLoraSiblings"]
+__all__ = ["InjectAdapter", "MergeAdapters", "RemoveAdapters", "DropoutToModule", "FuseLowRankSiblings",
+           "UnfuseLowRankSiblings"]

@@ -1,32 +1,23 @@
-"""Sibling fusion: LoRA sites that read the same input share one dropout and one LoRA-A matmul.
+"""Sibling fusion: low-rank adapter chains that read the same input share one dropout and one down matmul.
 
 q/k/v projections read one normalised hidden state, gate/up read another. Unfused, each site draws its
 own dropout of that input and runs its own thin ``x @ A.T``. Fused, the group runs::
 
     A_cat = cat([A_q, A_k, A_v])          # [r_q + r_k + r_v, in], built in the graph every call
-    a     = linear(dropout(x), A_cat)     # one dropout, one matmul
-    a     = a * scaling                   # one rank-sized scale (per-site scales stay per site if they differ)
+    a     = linear(dropout(x), A_cat)     # one dropout, one matmul: [..., r_q + r_k + r_v]
     a_q, a_k, a_v = split(a, [r_q, r_k, r_v], -1)
-    y_q   = y_q + linear(a_q, B_q)        # each site keeps its own B and "out" node
+    y_q   = y_q + linear(a_q * scale_q, B_q)   # each site keeps its own run-time scale, B and OUT node
 
-Fusion is a view, not a format: every adapter module keeps its own ``A``/``B`` parameters (the ``cat`` reads
-them, so their gradients stay per site), and the PEFT-format files are unchanged.
+The pass is generic: it matches node *roles* (``DOWN_WEIGHT``, ``DROPOUT``, ``DOWN``, ``SCALE``, ``UP``), so
+any method whose subgraph has that shape fuses; it never names a method.
 
-**Dropout semantics.** Fused siblings share one dropout mask (the one the first site's dropout module
-draws); unfused, PEFT-style, each site draws its own. Each site still sees a standard dropout of ``x`` with
-probability ``p``, so the expectation and the eval-mode outputs are identical; only the masks of sibling
-sites are correlated. ``fxpeft.rewrite(..., fuse=False)`` keeps one mask per site.
+Fusion is a view, not a format: every adapter module keeps its own parameters (the ``cat`` reads them, so
+their gradients stay per site), and saved files are unchanged. Fused siblings share one dropout mask (the
+first site's module draws it); unfused, PEFT-style, each site draws its own. Expectations and eval-mode
+outputs are identical. ``fxpeft.rewrite(..., fuse=False)`` keeps one mask per site.
 
-**Tags.** Every node the pass creates carries ``node.meta["fxpeft"]``. Nodes owned by one site (its ``A``
-``get_attr``, its slice of the split) are tagged with that site's module, as before. Shared nodes (``cat``,
-dropout, the fused matmul, scale, split) are tagged with the first site's module and carry
-``"fused": (module, ...)``, the modules of the whole group; roles are ``lora_A_cat``, ``dropout``,
-``lora_A``, ``scale``, ``lora_A_split`` and, per site, ``lora_A_part``. With ``fuse_b=True`` the B side is
-fused too: ``lora_B_cat`` (the block-diagonal B), ``lora_B``, ``lora_B_split`` and per site ``lora_B_part``.
-
-Because a group only ever holds one adapter's sites, :class:`fxpeft.passes.MergeAdapters` removes a group's
-shared nodes together with its sites, with no special case. :class:`UnfuseLoraSiblings` restores the
-one-chain-per-site graph.
+Shared nodes (``cat``, cast, dropout, the fused matmul, split) are tagged with the first site's module and
+carry ``fused`` (the modules of the whole group). :class:`UnfuseLowRankSiblings` restores one chain per site.
 """
 
 from __future__ import annotations
@@ -35,124 +26,63 @@ import operator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from fxpeft.sites import FXPEFT_META, graph_dialect
+from fxpeft.registry import fx_callable
+from fxpeft.tags import AdapterTag, Role, get_tag, graph_info, set_tag
 
-__all__ = ["FuseLoraSiblings", "UnfuseLoraSiblings", "lora_chains"]
+from .transaction import transaction
+
+__all__ = ["FuseLowRankSiblings", "UnfuseLowRankSiblings", "low_rank_chains"]
 
 aten = torch.ops.aten
-_LINEAR = (aten.linear.default, F.linear, torch._C._nn.linear)
-_OPS = {  # which -> (export dialect, fx dialect)
-    "cat": (aten.cat.default, torch.cat),
-    "linear": (aten.linear.default, F.linear),
-    "mul": (aten.mul.Tensor, torch.mul),
-    "split": (aten.split_with_sizes.default, torch.split),
-    "block_diag": (aten.block_diag.default, torch.block_diag),
-}
+_LINEAR = {aten.linear.default, fx_callable(aten.linear.default), torch.nn.functional.linear}
 
 
 @dataclass
 class _Chain:
-    """One unfused LoRA chain on a linear call: ``out = y + linear(scale(linear(dropout(x), A)), B)``."""
+    """One unfused chain on a linear call: ``up(scale(down(dropout(cast(x)), A)), B)``."""
 
-    tag: dict
+    tag: AdapterTag
     x: fx.Node
     a_attr: fx.Node
-    b_attr: fx.Node
+    cast: fx.Node | None
     dropout: fx.Node | None
-    lora_a: fx.Node
-    scale: fx.Node | None
-    lora_b: fx.Node
-    out: fx.Node
-
-    @property
-    def scaling(self) -> float:
-        return 1.0 if self.scale is None else float(self.scale.args[1])
-
-    @property
-    def nodes(self) -> list[fx.Node]:
-        return [n for n in (self.a_attr, self.b_attr, self.dropout, self.lora_a, self.scale, self.lora_b, self.out) if n is not None]
+    down: fx.Node
+    scale: fx.Node
 
 
-def _role(node: fx.Node) -> str | None:
-    tag = node.meta.get(FXPEFT_META)
-    return None if tag is None else tag.get("role")
+def _role(node, module: str) -> Role | None:
+    tag = get_tag(node) if isinstance(node, fx.Node) else None
+    return tag.role if tag is not None and tag.module == module and not tag.fused else None
 
 
 def _only_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
-def lora_chains(gm: fx.GraphModule) -> list[_Chain]:
-    """Every unfused LoRA chain on a linear site, in graph order (the fusion candidates)."""
-    chains = []
-    for n in gm.graph.nodes:
-        tag = n.meta.get(FXPEFT_META)
-        if (tag is None or tag.get("role") != "lora_A" or tag.get("method") != "lora" or "fused" in tag
-                or n.op != "call_function" or n.target not in _LINEAR or len(n.args) != 2 or n.kwargs):
-            continue
-        same = lambda m: m is not None and (m.meta.get(FXPEFT_META) or {}).get("module") == tag["module"]  # noqa: E731
-        inp, a_attr = n.args
-        if not (isinstance(a_attr, fx.Node) and same(a_attr) and _role(a_attr) == "lora_A_weight"):
-            continue
-        dropout = inp if same(inp) and _role(inp) == "dropout" else None
-        if dropout is not None and (dropout.op != "call_module" or len(dropout.users) != 1):
-            continue
-        x = dropout.args[0] if dropout is not None else inp
-        if not isinstance(x, fx.Node) or len(a_attr.users) != 1:
-            continue
-        nxt = _only_user(n)
-        scale = nxt if same(nxt) and _role(nxt) == "scale" else None
-        if scale is not None and not (len(scale.args) == 2 and isinstance(scale.args[1], (int, float))):
-            continue
-        lora_b = _only_user(scale) if scale is not None else nxt
-        if not (same(lora_b) and _role(lora_b) == "lora_B" and lora_b.target in _LINEAR and len(lora_b.args) == 2):
-            continue
-        b_attr = lora_b.args[1]
-        out = _only_user(lora_b)
-        if not (same(b_attr) and _role(b_attr) == "lora_B_weight" and len(b_attr.users) == 1
-                and same(out) and _role(out) == "out"):
-            continue
-        chains.append(_Chain(dict(tag), x, a_attr, b_attr, dropout, n, scale, lora_b, out))
-    return chains
+def _chain(n: fx.Node) -> _Chain | None:
+    tag = get_tag(n)
+    if (tag is None or tag.role is not Role.DOWN or tag.fused or n.op != "call_function" or n.target not in _LINEAR
+            or len(n.args) != 2 or n.kwargs):
+        return None
+    inp, a_attr = n.args
+    if _role(a_attr, tag.module) is not Role.DOWN_WEIGHT or len(a_attr.users) != 1:
+        return None
+    dropout = inp if _role(inp, tag.module) is Role.DROPOUT and len(inp.users) == 1 else None
+    pre = dropout.args[0] if dropout is not None else inp
+    cast = pre if _role(pre, tag.module) is Role.CAST and len(pre.users) == 1 else None
+    x = cast.args[0] if cast is not None else pre
+    scale = _only_user(n)
+    if not isinstance(x, fx.Node) or _role(scale, tag.module) is not Role.SCALE or scale.args[0] is not n:
+        return None
+    return _Chain(tag, x, a_attr, cast, dropout, n, scale)
 
 
-class _Builder:
-    """Creates tagged nodes for one fused group at one insertion point."""
-
-    def __init__(self, gm: fx.GraphModule, export: bool, group: list[_Chain]):
-        self.gm, self.graph, self.export = gm, gm.graph, export
-        self.lead = {k: group[0].tag[k] for k in ("method", "adapter", "site", "module")}
-        self.fused = tuple(c.tag["module"] for c in group)
-        self.group = group
-
-    def _tag(self, node: fx.Node, role: str, chain: _Chain | None) -> fx.Node:
-        if chain is None:
-            node.meta[FXPEFT_META] = dict(self.lead, role=role, fused=self.fused)
-        else:
-            node.meta[FXPEFT_META] = {k: chain.tag[k] for k in ("method", "adapter", "site", "module")} | {"role": role}
-        src = (chain or self.group[0]).lora_a  # inserted nodes sit in their (first) site's module stack
-        if "nn_module_stack" in src.meta:
-            node.meta["nn_module_stack"] = dict(src.meta["nn_module_stack"])
-        return node
-
-    def _name(self, role: str, chain: _Chain | None) -> str:
-        site = (chain.tag if chain is not None else self.lead)["site"].replace(".", "_").replace(":", "_")
-        return f"{site}_{role}" if chain is not None else f"{site}_fused_{role}"
-
-    def fn(self, which: str, *args, role: str, chain: _Chain | None = None) -> fx.Node:
-        target = _OPS[which][0 if self.export else 1]
-        return self._tag(self.graph.create_node("call_function", target, args, name=self._name(role, chain)), role, chain)
-
-    def getitem(self, src: fx.Node, i: int, role: str, chain: _Chain) -> fx.Node:
-        node = self.graph.create_node("call_function", operator.getitem, (src, i), name=self._name(role, chain))
-        return self._tag(node, role, chain)
-
-    def call_module(self, target: str, x: fx.Node, role: str) -> fx.Node:
-        return self._tag(self.graph.create_node("call_module", target, (x,), name=self._name(role, None)), role, None)
+def low_rank_chains(gm: fx.GraphModule) -> list[_Chain]:
+    """Every unfused low-rank chain on a linear site, in graph order (the fusion candidates)."""
+    return [c for n in gm.graph.nodes if (c := _chain(n)) is not None]
 
 
 def _get(gm: fx.GraphModule, target: str):
@@ -162,162 +92,140 @@ def _get(gm: fx.GraphModule, target: str):
     return obj
 
 
-def _groups(gm: fx.GraphModule, chains: list[_Chain]) -> list[list[_Chain]]:
-    groups: dict[tuple, list[_Chain]] = {}
-    for c in chains:
-        a = _get(gm, c.a_attr.target)
-        p = None if c.dropout is None else (type(m := _get(gm, c.dropout.target)), getattr(m, "p", None))
-        groups.setdefault((c.x, c.tag["adapter"], p, a.dtype, a.device, a.dim()), []).append(c)
-    return [g for g in groups.values() if len(g) > 1]
+def _key(gm: fx.GraphModule, c: _Chain) -> tuple:
+    a = _get(gm, c.a_attr.target)
+    drop = None if c.dropout is None else (type(m := _get(gm, c.dropout.target)), getattr(m, "p", None))
+    cast = None if c.cast is None else c.cast.kwargs.get("dtype")
+    return c.x, c.tag.adapter, drop, cast, a.dtype, a.device, a.dim()
 
 
-def _fuse_group(gm: fx.GraphModule, group: list[_Chain], export: bool, fuse_b: bool, pos: dict[fx.Node, int]) -> None:
-    build = _Builder(gm, export, group)
+class _Builder:
+    """Creates tagged nodes: shared ones carry the lead's tag with ``fused``; per-site ones their own tag."""
+
+    def __init__(self, gm: fx.GraphModule, lead: AdapterTag, fused: tuple[str, ...], stack_from: fx.Node):
+        self.graph, self.export = gm.graph, graph_info(gm).dialect == "export"
+        self.lead, self.fused, self.stack = lead, fused, stack_from.meta.get("nn_module_stack")
+
+    def node(self, op: str, target, args, role: Role, own: AdapterTag | None = None, **kwargs) -> fx.Node:
+        if op == "call_function" and isinstance(target, torch._ops.OpOverload) and not self.export:
+            target = fx_callable(target)
+        tag = own.with_role(role) if own is not None else self.lead.with_role(role, fused=self.fused)
+        stem = tag.site.replace(".", "_").replace(":", "_")
+        node = self.graph.create_node(op, target, tuple(args), kwargs,
+                                      name=f"{stem}_{role.value}" if own else f"{stem}_fused_{role.value}")
+        if self.stack is not None:
+            node.meta["nn_module_stack"] = dict(self.stack)
+        return set_tag(node, tag)
+
+
+def _fuse_group(gm: fx.GraphModule, group: list[_Chain], pos: dict[fx.Node, int]) -> None:
+    build = _Builder(gm, group[0].tag, tuple(c.tag.module for c in group), group[0].down)
     ranks = [_get(gm, c.a_attr.target).shape[0] for c in group]
-    scalings = {c.scaling for c in group}
-    fuse_b = fuse_b and len(scalings) == 1
     # The first node of the group that reads x: x is defined by then, and no site has used its A yet.
-    first = min((c.dropout or c.lora_a for c in group), key=pos.__getitem__)
-    for c in group:  # each site's get_attr of A (of B too, with fuse_b) moves up, keeping its name and tag
+    first = min((c.cast or c.dropout or c.down for c in group), key=pos.__getitem__)
+    for c in group:  # each site's get_attr of A moves up, keeping its name and tag
         first.prepend(c.a_attr)
-        if fuse_b:
-            first.prepend(c.b_attr)
+    lead = group[0]
     with gm.graph.inserting_before(first):
-        a_cat = build.fn("cat", [c.a_attr for c in group], 0, role="lora_A_cat")
-        x = group[0].x
-        if group[0].dropout is not None:
-            x = build.call_module(group[0].dropout.target, x, "dropout")
-        a = build.fn("linear", x, a_cat, role="lora_A")
-        if len(scalings) == 1 and scalings != {1.0}:
-            a = build.fn("mul", a, next(iter(scalings)), role="scale")
-        if fuse_b:
-            b_attrs = [c.b_attr for c in group]
-            b_bd = build.fn("block_diag", *([b_attrs] if export else b_attrs), role="lora_B_cat")
-            b = build.fn("linear", a, b_bd, role="lora_B")
-            outs = [_get(gm, c.b_attr.target).shape[0] for c in group]
-            split = build.fn("split", b, outs, -1, role="lora_B_split")
-            parts = [build.getitem(split, i, "lora_B_part", c) for i, c in enumerate(group)]
-        else:
-            split = build.fn("split", a, ranks, -1, role="lora_A_split")
-            parts = [build.getitem(split, i, "lora_A_part", c) for i, c in enumerate(group)]
+        a_cat = build.node("call_function", aten.cat.default, ([c.a_attr for c in group], 0), Role.DOWN_CAT)
+        h = lead.x
+        if lead.cast is not None:
+            h = build.node("call_function", aten._to_copy.default, (h,), Role.CAST, **lead.cast.kwargs)
+        if lead.dropout is not None:
+            h = build.node("call_module", lead.dropout.target, (h,), Role.DROPOUT)
+        a = build.node("call_function", aten.linear.default, (h, a_cat), Role.DOWN)  # [..., sum(ranks)]
+        split = build.node("call_function", aten.split_with_sizes.default, (a, ranks, -1), Role.DOWN_SPLIT)
+        parts = [build.node("call_function", operator.getitem, (split, i), Role.DOWN_PART, own=c.tag)
+                 for i, c in enumerate(group)]
     for c, part in zip(group, parts):
-        if fuse_b:
-            c.out.replace_input_with(c.lora_b, part)
-            doomed = [c.lora_b, c.scale, c.lora_a, c.dropout]
-        elif len(scalings) == 1 or c.scale is None:
-            c.lora_b.replace_input_with(c.scale or c.lora_a, part)
-            doomed = [c.scale, c.lora_a, c.dropout]
-        else:  # per-site scales stay on the per-site slices
-            c.scale.replace_input_with(c.lora_a, part)
-            doomed = [c.lora_a, c.dropout]
-        for n in doomed:
+        c.scale.replace_input_with(c.down, part)
+        for n in (c.down, c.dropout, c.cast):
             if n is not None:
                 gm.graph.erase_node(n)
 
 
 @dataclass(frozen=True)
-class FuseLoraSiblings:
-    """Fuse the LoRA-A side (dropout, matmul, scale) of sites that read the same input, per adapter.
+class FuseLowRankSiblings:
+    """Fuse the down side (cast, dropout, matmul) of low-rank chains that read the same input, per adapter.
 
-    Sites are grouped when they read one input node, hold the same adapter, and have the same dropout
-    (module type and ``p``, or none) and ``A`` dtype/device. Idempotent: a graph with nothing left to fuse
-    is returned with ``modified=False``.
+    Chains are grouped when they read one input node, hold the same adapter, and have the same dropout
+    (module type and ``p``, or none), cast and ``A`` dtype/device. Idempotent: a graph with nothing left to
+    fuse is returned with ``modified=False``.
 
     Args:
-        fuse_b: also fuse the B side into one matmul on the block-diagonal of the B matrices (only for
-            groups whose sites share one scaling). It multiplies by zeros: it pays only where per-op
-            overhead dominates; off by default (see the README's Performance section).
         adapter_names: fuse only these adapters' sites (default: all).
 
     Example:
         >>> import torch, fxpeft
-        >>> from fxpeft.passes.fuse import FuseLoraSiblings
+        >>> from fxpeft.passes import FuseLowRankSiblings
         >>> from fxpeft.zoo import tiny_llama
         >>> model, args, kwargs = tiny_llama(layers=1)
         >>> gm = fxpeft.rewrite(fxpeft.trace(model, args, kwargs),
         ...                     fxpeft.LoraConfig(r=4, target_modules="all-linear"), fuse=False)
-        >>> FuseLoraSiblings()(gm).modified, FuseLoraSiblings()(gm).modified
+        >>> FuseLowRankSiblings()(gm).modified, FuseLowRankSiblings()(gm).modified
         (True, False)
     """
 
-    fuse_b: bool = False
     adapter_names: tuple[str, ...] | None = None
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
-        chains = [c for c in lora_chains(gm) if self.adapter_names is None or c.tag["adapter"] in self.adapter_names]
-        groups = _groups(gm, chains)
-        export = graph_dialect(gm) == "export"
-        pos = {n: i for i, n in enumerate(gm.graph.nodes)} if groups else {}
-        for group in groups:
-            _fuse_group(gm, group, export, self.fuse_b, pos)
-        gm.graph.lint()
+        chains = [c for c in low_rank_chains(gm) if self.adapter_names is None or c.tag.adapter in self.adapter_names]
+        by_key: dict[tuple, list[_Chain]] = {}
+        for c in chains:
+            by_key.setdefault(_key(gm, c), []).append(c)
+        groups = [g for g in by_key.values() if len(g) > 1]
         if groups:
-            gm.recompile()
+            pos = {n: i for i, n in enumerate(gm.graph.nodes)}
+            with transaction(gm):
+                for group in groups:
+                    _fuse_group(gm, group, pos)
+                gm.graph.lint()
+                gm.recompile()
         return PassResult(gm, bool(groups))
 
 
-@dataclass(frozen=True)
-class UnfuseLoraSiblings:
-    """Undo :class:`FuseLoraSiblings`: give every site of a fused group its own chain again.
+def _unfuse_group(gm: fx.GraphModule, cat: fx.Node) -> None:
+    lead = get_tag(cat)
+    down = next(u for u in cat.users if get_tag(u).role is Role.DOWN)
+    h, shared = down.args[0], [cat, down]
+    dropout = h if get_tag(h) is not None and get_tag(h).role is Role.DROPOUT else None
+    h = dropout.args[0] if dropout is not None else h
+    cast = h if get_tag(h) is not None and get_tag(h).role is Role.CAST else None
+    x = cast.args[0] if cast is not None else h
+    split = _only_user(down)
+    shared += [n for n in (dropout, cast) if n is not None] + [split]
+    for i, part in enumerate(sorted(split.users, key=lambda g: g.args[1])):
+        tag = get_tag(part)
+        build = _Builder(gm, tag, (), part)
+        with gm.graph.inserting_before(part):
+            h = x
+            if cast is not None:
+                h = build.node("call_function", aten._to_copy.default, (h,), Role.CAST, own=tag, **cast.kwargs)
+            if dropout is not None:
+                h = build.node("call_module", f"{tag.module}.dropout", (h,), Role.DROPOUT, own=tag)
+            a_attr = cat.args[0][i]
+            part.prepend(a_attr)
+            a = build.node("call_function", aten.linear.default, (h, a_attr), Role.DOWN, own=tag)
+        part.replace_all_uses_with(a)
+        gm.graph.erase_node(part)
+    for n in sorted(shared, key=lambda n: -list(gm.graph.nodes).index(n)):
+        gm.graph.erase_node(n)
 
-    Each site gets its own dropout (its own module, so its own mask), ``linear(x, A)``, scale and B matmul;
-    the result computes what the graph :func:`fxpeft.rewrite` builds with ``fuse=False`` computes. Idempotent.
+
+@dataclass(frozen=True)
+class UnfuseLowRankSiblings:
+    """Undo :class:`FuseLowRankSiblings`: give every site of a fused group its own chain again.
+
+    Each site gets its own cast, dropout (its own module, so its own mask) and down matmul; the result
+    computes what :func:`fxpeft.rewrite` with ``fuse=False`` builds. Idempotent.
     """
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
-        leads = [n for n in gm.graph.nodes if (n.meta.get(FXPEFT_META) or {}).get("fused")
-                 and n.meta[FXPEFT_META]["role"] == "lora_A_cat"]
-        export = graph_dialect(gm) == "export"
-        for cat in leads:
-            _unfuse_group(gm, cat, export)
-        gm.graph.lint()
+        leads = [n for n in gm.graph.nodes if (t := get_tag(n)) is not None and t.fused and t.role is Role.DOWN_CAT]
         if leads:
-            gm.recompile()
+            with transaction(gm):
+                for cat in leads:
+                    _unfuse_group(gm, cat)
+                gm.graph.lint()
+                gm.recompile()
         return PassResult(gm, bool(leads))
-
-
-def _unfuse_group(gm: fx.GraphModule, cat: fx.Node, export: bool) -> None:
-    from fxpeft.registry import Emit
-
-    lin = next(u for u in cat.users if _role(u) == "lora_A")
-    drop = lin.args[0] if _role(lin.args[0]) == "dropout" else None
-    x = drop.args[0] if drop is not None else lin.args[0]
-    shared = [cat, lin] + ([drop] if drop is not None else [])
-    node = _only_user(lin)
-    scaling = 1.0
-    if _role(node) == "scale":
-        shared.append(node)
-        scaling = float(node.args[1])
-        node = _only_user(node)
-    fuse_b = _role(node) == "lora_B"
-    if fuse_b:
-        bd = node.args[1]
-        shared += [node, bd]
-        node = _only_user(node)
-    shared.append(node)  # the split
-    parts = sorted(node.users, key=lambda g: g.args[1])
-    attrs = list(cat.args[0]) + (list(bd.args[0] if export else bd.args) if fuse_b else [])
-    dialect = "export" if export else "fx"
-    for i, part in enumerate(parts):
-        tag = part.meta[FXPEFT_META]
-        emit = Emit(gm, dialect, tag["method"], tag["adapter"], tag["site"], tag["module"], anchor=part)
-        adapter = gm.get_submodule(tag["module"])
-        with gm.graph.inserting_before(part):
-            h = x
-            if drop is not None and hasattr(adapter, "dropout"):
-                h = emit.call_module("dropout", x, "dropout")
-            A = emit.get_attr("A", "lora_A_weight")
-            a = emit.fn("linear", h, A, role="lora_A")
-            if scaling != 1.0:
-                a = emit.fn("mul", a, scaling, role="scale")
-            if fuse_b:
-                B = emit.get_attr("B", "lora_B_weight")
-                a = emit.fn("linear", a, B, role="lora_B")
-        part.replace_all_uses_with(a)
-        gm.graph.erase_node(part)
-    doomed = set(shared)
-    for n in reversed([n for n in gm.graph.nodes if n in doomed]):
-        gm.graph.erase_node(n)
-    for n in attrs:
-        if not n.users:
-            gm.graph.erase_node(n)

@@ -18,10 +18,12 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 from fxpeft.errors import MergeError
-from fxpeft.registry import PeftRegistry
-from fxpeft.sites import FXPEFT_META, Site, _attr, find_sites
+from fxpeft.registry import AdapterModule, PeftRegistry
+from fxpeft.sites import Site, _attr, find_sites
+from fxpeft.tags import TAG_KEY, get_tag
 
-from .inject import adapter_tags
+from .remove import detach_adapters, restore_base_flags, select_adapters
+from .transaction import Transaction, transaction
 
 __all__ = ["MergeAdapters"]
 
@@ -45,7 +47,7 @@ def _readers_index(gm: fx.GraphModule) -> dict[int, list[fx.Node]]:
     any alias), and ``call_module`` nodes of modules owning it. Built once per merge: O(nodes)."""
     index: dict[int, list[fx.Node]] = {}
     for n in gm.graph.nodes:
-        if n.op == "get_attr" and FXPEFT_META not in n.meta:
+        if n.op == "get_attr" and get_tag(n) is None:
             index.setdefault(id(_attr(gm, n.target)), []).extend(n.users)
         elif n.op == "call_module":
             w = getattr(_attr(gm, n.target), "weight", None)
@@ -85,7 +87,7 @@ def _untie(gm: fx.GraphModule, site: Site, merged: torch.Tensor, weight: nn.Para
     for call in site.calls:
         with gm.graph.inserting_before(call.weight_user):
             node = gm.graph.get_attr(want)
-        node.meta.update({k: v for k, v in call.weight_node.meta.items() if k != FXPEFT_META})
+        node.meta.update({k: v for k, v in call.weight_node.meta.items() if k != TAG_KEY})
         call.weight_user.replace_input_with(call.weight_node, node)
     return want
 
@@ -94,14 +96,16 @@ def _untie(gm: fx.GraphModule, site: Site, merged: torch.Tensor, weight: nn.Para
 class MergeAdapters:
     """Fold adapters into the base weights and remove them, leaving a plain graph.
 
-    Idempotent: a graph without adapters is returned unchanged with ``modified=False``.
+    Idempotent: a graph without adapters is returned unchanged with ``modified=False``. Atomic: weights written
+    before a failure are put back.
 
     Args:
-        adapter_names: merge only these adapters (default: all). Others stay in the graph, unmerged.
+        adapter_names: merge only these adapters (default: all). Others stay in the graph, unmerged. An unknown
+            name raises :class:`fxpeft.ConfigError` listing the names present.
 
     Example:
         >>> import torch, fxpeft
-        >>> from fxpeft.passes.merge import MergeAdapters
+        >>> from fxpeft.passes import MergeAdapters
         >>> gm = fxpeft.rewrite(fxpeft.trace(torch.nn.Sequential(torch.nn.Linear(4, 4))),
         ...                     fxpeft.LoraConfig(r=2, target_modules=["0"]))
         >>> MergeAdapters()(gm).modified, MergeAdapters()(gm).modified
@@ -111,68 +115,60 @@ class MergeAdapters:
     adapter_names: tuple[str, ...] | None = None
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
-        tags = [t for t in adapter_tags(gm).values()
-                if self.adapter_names is None or t["adapter"] in self.adapter_names]
-        if not tags:
+        mods = select_adapters(gm, self.adapter_names)
+        if not mods:
             gm.graph.lint()
             return PassResult(gm, False)
         sites = find_sites(gm)
-        plan: dict[str, list[tuple[dict, nn.Module]]] = {}
-        for tag in tags:
-            if tag["site"] not in sites:
-                raise MergeError(f"adapter {tag['module']!r} sits on {tag['site']!r}, which is no longer a call site "
-                                 "of this graph; was the graph edited by hand?")
-            plan.setdefault(tag["site"], []).append((tag, gm.get_submodule(tag["module"])))
-
-        def folded(site: Site):
-            weight = gm.get_parameter(site.weight)
-            bias = gm.get_parameter(site.bias) if site.bias else None
-            w, b = weight.detach().float(), None if bias is None else bias.detach().float()
-            for tag, module in plan[site.name]:
-                method = PeftRegistry.get(tag["method"])
-                w, b = method.fold(module, site, w, b)
-            return weight, bias, w, b
-
-        # ---- check every site first: nothing is written unless all merges are finite ----
+        plan: dict[str, list[AdapterModule]] = {}
+        for path, m in mods.items():
+            if m.site_name not in sites:
+                raise MergeError(f"adapter {path!r} sits on {m.site_name!r}, which is no longer a call site of this "
+                                 "graph; was the graph edited by hand?")
+            plan.setdefault(m.site_name, []).append(m)
         with torch.no_grad():
-            for name in plan:
-                site = sites[name]
-                weight, _, w, b = folded(site)
+            for name, group in plan.items():  # nothing is written unless every merge is finite
+                weight, _, w, b = _folded(gm, sites[name], group)
                 if not (_fits(w, weight.dtype) and (b is None or _fits(b, weight.dtype))):
-                    bad = ", ".join(t["module"] for t, _ in plan[name])
-                    raise MergeError(f"merging {bad} into {site.weight!r} gives non-finite values (NaN/inf); "
-                                     "the adapter weights have diverged. Nothing was merged; check the training "
-                                     "(learning rate, loss scaling) or reload a good adapter.")
-
-            # ---- commit, one site at a time ----
-            readers = _readers_index(gm)
-            for name in plan:
-                site = sites[name]
-                weight, bias, w, b = folded(site)
-                own = _own_readers(site)
-                if any(u not in own for u in readers.get(id(weight), ())):
-                    where = _untie(gm, site, w.to(weight.dtype), weight)
-                    readers[id(weight)] = [u for u in readers[id(weight)] if u not in own]
-                    warnings.warn(f"merge: {site.name!r} shares its weight with another call site (tied weights); "
-                                  f"the merged weight is a new parameter {where!r} and the other site is unchanged")
-                else:
-                    weight.copy_(w.to(weight.dtype))
-                if bias is not None and b is not None:
-                    bias.copy_(b.to(bias.dtype))
-                del w, b
-
-        # ---- remove adapter nodes (bypass each "out" node, then erase users first) and modules ----
-        doomed: set[fx.Node] = set()
-        for tag in tags:
-            for n in tag["nodes"]:
-                if n.meta[FXPEFT_META]["role"] == "out":
-                    n.replace_all_uses_with(n.args[0])
-            doomed.update(tag["nodes"])
-        for n in reversed(list(gm.graph.nodes)):
-            if n in doomed:
-                gm.graph.erase_node(n)
-        for tag in tags:
-            gm.delete_submodule(tag["module"])
-        gm.graph.lint()
-        gm.recompile()
+                    raise MergeError(f"merging {[m.adapter_name for m in group]} into {sites[name].weight!r} gives "
+                                     "non-finite values (NaN/inf); the adapter weights have diverged. Nothing was "
+                                     "merged; check the training (learning rate, loss scaling) or reload a good adapter.")
+            with transaction(gm) as txn:
+                _write(gm, sites, plan, txn)
+                detach_adapters(gm, mods)
+                restore_base_flags(gm)
+                gm.graph.lint()
+                gm.recompile()
         return PassResult(gm, True)
+
+
+def _folded(gm: fx.GraphModule, site: Site, group: list[AdapterModule]):
+    """fp32 weight/bias with every adapter of ``group`` folded in, after the originals."""
+    weight = gm.get_parameter(site.weight)
+    bias = gm.get_parameter(site.bias) if site.bias else None
+    w, b = weight.detach().float(), None if bias is None else bias.detach().float()
+    for m in group:
+        w, b = PeftRegistry.get(m.method).fold(m, site, w, b)
+    return weight, bias, w, b
+
+
+def _write(gm: fx.GraphModule, sites: dict[str, Site], plan: dict[str, list[AdapterModule]], txn: Transaction) -> None:
+    """Write merged weights in place, one site at a time (peak extra memory: one weight in fp32, plus the
+    transaction's copy of what it overwrites); a weight tied to another call site is untied instead."""
+    readers = _readers_index(gm)
+    for name, group in plan.items():
+        site = sites[name]
+        weight, bias, w, b = _folded(gm, site, group)
+        own = _own_readers(site)
+        if any(u not in own for u in readers.get(id(weight), ())):
+            where = _untie(gm, site, w.to(weight.dtype), weight)
+            readers[id(weight)] = [u for u in readers[id(weight)] if u not in own]
+            warnings.warn(f"merge: {site.name!r} shares its weight with another call site (tied weights); "
+                          f"the merged weight is a new parameter {where!r} and the other site is unchanged")
+        else:
+            txn.will_write(weight)
+            weight.copy_(w.to(weight.dtype))
+        if bias is not None and b is not None:
+            txn.will_write(bias)
+            bias.copy_(b.to(bias.dtype))
+        del w, b

@@ -1,0 +1,383 @@
+"""LoRA: ``y = base(x) + B(A(dropout(x))) * scaling``, with PEFT's maths per site kind. One file: config,
+sites, nodes, fold, and PEFT's file format.
+
+* linear: A ``[r, in]``, B ``[out, r]``;
+* conv: A is a conv with the base kernel, stride, padding and dilation (``[r, in, *k]``), B a 1x1 conv ``[out, r, 1..]``;
+* embedding: A ``[r, num_embeddings]``, B ``[dim, r]``, delta ``embedding(x, A.T) @ B.T`` (no dropout, as in PEFT).
+
+The scaling multiplies the rank-``r`` intermediate rather than the ``out``-wide result: the same product,
+``out / r`` times fewer multiplies. It is a buffer read at run time (0 while the adapter is switched off).
+
+PEFT's file layout (keys under ``base_model.model.<site>.``)::
+
+    lora_A.weight       [r, in]          ([r, in, *kernel] for a conv)
+    lora_B.weight       [out, r]         ([out, r, 1, ...] for a conv)
+    lora_embedding_A    [r, num_embeddings]
+    lora_embedding_B    [embedding_dim, r]
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxpeft.errors import AdapterFileError, ConfigError
+from fxpeft.registry import AdapterModule, Emit, Method, PeftConfigBase, PeftRegistry, config_from_fields
+from fxpeft.sites import Site
+from fxpeft.tags import Role
+from fxpeft.untrusted import compile_pattern, pattern_key_match
+
+__all__ = ["LoraConfig", "LoraAdapter", "LoraDropout", "Lora"]
+
+aten = torch.ops.aten
+
+
+@dataclass
+class LoraConfig(PeftConfigBase):
+    """LoRA settings, with HF PEFT's field names and defaults.
+
+    Args:
+        r: rank of the update.
+        lora_alpha: scaling numerator: scaling is ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``).
+        lora_dropout: dropout on the adapter's input (a ``call_module`` on ``nn.Dropout``).
+        target_modules: list of names (exact, or matching the last dotted components), a regex string that
+            must full-match, or ``"all-linear"``.
+        exclude_modules: same forms as ``target_modules``; matching sites are skipped.
+        use_rslora: rank-stabilised scaling ``lora_alpha / sqrt(r)``.
+        init_lora_weights: True (kaiming A, zero B), ``"gaussian"`` (normal A with std ``1/r``, zero B), or False
+            (both random: the adapter changes the outputs from the start).
+        rank_pattern: ``{pattern: r}`` overrides per site (PEFT's matching: ``(.*\\.)?pattern$``).
+        alpha_pattern: ``{pattern: alpha}`` overrides per site.
+        fan_in_fan_out: accepted for PEFT compatibility; fxpeft reads the weight layout off the graph.
+        bias: only ``"none"`` is supported.
+        use_dora: only False is supported.
+        keep_base_dtype: keep A and B in a bf16/fp16 base's dtype instead of fp32 (PEFT's default is fp32).
+
+    Example:
+        >>> from fxpeft import LoraConfig
+        >>> LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]).r
+        8
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    init_lora_weights: bool | str = True
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_dora: bool = False
+
+
+class LoraDropout(nn.Dropout):
+    """``nn.Dropout`` with a cheaper mask on the CPU (PyTorch's CPU ``bernoulli_`` costs ~6 ns per element).
+
+    In training on the CPU it draws 16 random bits per element (four per 64-bit draw of the default
+    generator, so ``torch.manual_seed`` reproduces it) and keeps an element when they fall below
+    ``round((1 - p) * 2**16)``: ``p`` is rounded to a multiple of ``2**-16`` (off by at most ``7.7e-6``), and
+    kept elements are scaled by the exact inverse of the keep probability, so the expectation is unchanged.
+    Under ``torch.compile``, on other devices, in eval mode, and for ``p`` that rounds to 0 or 1 it is
+    ``nn.Dropout``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = 65536 - round(self.p * 65536)
+        if (not self.training or self.inplace or x.device.type != "cpu" or not 0 < keep < 65536
+                or torch.compiler.is_compiling()):
+            return super().forward(x)
+        n = x.numel()
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, None).view(torch.int16)[:n]
+        scale = torch.full((), 65536 / keep, dtype=x.dtype)
+        return x * torch.where(bits.view(x.shape) < keep - 32768, scale, torch.zeros((), dtype=x.dtype))
+
+
+def adapter_dtype(weight: torch.Tensor, keep_base_dtype: bool) -> torch.dtype:
+    """PEFT's ``autocast_adapter_dtype``: adapters on a bf16/fp16 base are kept in fp32 unless asked otherwise."""
+    if not keep_base_dtype and weight.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return weight.dtype if weight.dtype.is_floating_point else torch.float32
+
+
+class LoraAdapter(AdapterModule):
+    """The parameters of one LoRA adapter at one site: ``A``, ``B``, an optional ``dropout``, and the
+    run-time ``scale`` buffer (``scaling`` while on, 0 while off)."""
+
+    method = "lora"
+
+    def __init__(self, site: Site, adapter_name: str, r: int, lora_alpha: float, use_rslora: bool,
+                 dropout: float, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(site.name, adapter_name)
+        self.kind = site.kind
+        self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
+        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        kw = dict(dtype=dtype, device=device)
+        if site.kind == "conv":
+            ones = (1,) * len(site.kernel_size)
+            self.A = nn.Parameter(torch.empty(r, site.in_features, *site.kernel_size, **kw))
+            self.B = nn.Parameter(torch.empty(site.out_features, r, *ones, **kw))
+        else:  # linear: in/out features; embedding: num_embeddings/embedding_dim
+            self.A = nn.Parameter(torch.empty(r, site.in_features, **kw))
+            self.B = nn.Parameter(torch.empty(site.out_features, r, **kw))
+        self.register_buffer("scale", torch.tensor(self.scaling, **kw), persistent=False)
+        if dropout > 0 and site.kind != "embedding":
+            self.dropout = LoraDropout(dropout)
+
+    def set_active(self, on: bool) -> None:
+        super().set_active(on)
+        with torch.no_grad():
+            self.scale.fill_(self.scaling if on else 0.0)
+
+    def reset_parameters(self, init: bool | str) -> None:
+        with torch.no_grad():
+            if self.kind == "embedding":
+                if init is False:
+                    nn.init.normal_(self.A), nn.init.normal_(self.B)
+                else:  # PEFT (after loralib): zero A, normal B
+                    nn.init.zeros_(self.A), nn.init.normal_(self.B)
+                return
+            if init == "gaussian":
+                nn.init.normal_(self.A, std=1 / self.r)
+            else:
+                nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+            if init is False:
+                nn.init.kaiming_uniform_(self.B, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(self.B)
+
+    def delta_weight(self, site: Site) -> torch.Tensor:
+        """The fp32 update to the base weight at the current run-time scale, in the weight's own layout."""
+        A, B, s = self.A.detach().float(), self.B.detach().float(), float(self.scale)
+        if site.kind == "conv":
+            # [out, r] @ [r, in*k] -> [out, in, *k]
+            return (B.flatten(1) @ A.flatten(1)).view(site.out_features, site.in_features, *site.kernel_size) * s
+        delta = (B @ A) * s  # [out, in]; for an embedding [dim, num]
+        return delta.T if (site.kind == "embedding" or site.fan_in_fan_out) else delta
+
+
+_KEYS = {"linear": ("lora_A.weight", "lora_B.weight"), "conv": ("lora_A.weight", "lora_B.weight"),
+         "embedding": ("lora_embedding_A", "lora_embedding_B")}
+# init_lora_weights values that rewrite the *base* weights at initialisation (the adapter only makes sense on
+# the residual base they produce), or that train a different set of parameters (MiCA freezes B).
+_REFUSED_INITS = ("pissa", "olora", "corda", "loftq", "mica")
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@PeftRegistry.register("lora")
+class Lora(Method):
+    config_cls = LoraConfig
+    display_name = "LoRA"
+    color = ("#ffd8a8", "#e8590c")
+    spec_aliases = {"alpha": "lora_alpha", "dropout": "lora_dropout", "rslora": "use_rslora",
+                    "init": "init_lora_weights"}
+    default_targets = {"llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+                       "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "phi3": ["qkv_proj"],
+                       "gpt2": ["c_attn"], "bert": ["query", "value"], "roberta": ["query", "value"],
+                       "opt": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"], "t5": ["q", "v"]}
+    peft_default_table = "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING"
+    peft_fields = frozenset({"megatron_core", "megatron_config", "qalora_group_size", "loftq_config",
+                             "ensure_weight_tying", "eva_config", "corda_config", "lora_ga_config", "runtime_config",
+                             "lora_bias", "layers_to_transform", "layers_pattern", "modules_to_save",
+                             "trainable_token_indices", "target_parameters", "layer_replication", "use_qalora",
+                             "alora_invocation_tokens", "arrow_config", "use_bdlora"})
+
+    @classmethod
+    def validate_config(cls, config: LoraConfig) -> None:
+        if not _positive_int(config.r):
+            raise ConfigError(f"r must be a positive integer, got {config.r!r}; set e.g. r=8")
+        if not _finite(config.lora_alpha):
+            raise ConfigError(f"lora_alpha must be a finite number, got {config.lora_alpha!r}")
+        for name, pattern, ok, what in (("rank_pattern", config.rank_pattern, _positive_int, "a positive integer"),
+                                        ("alpha_pattern", config.alpha_pattern, _finite, "a finite number")):
+            if not isinstance(pattern, dict):
+                raise ConfigError(f"{name} must be a dict {{pattern: value}}, got {pattern!r}")
+            for k, v in pattern.items():
+                compile_pattern(str(k), field=f"{name} key")
+                if not ok(v):
+                    raise ConfigError(f"{name}[{k!r}] must be {what}, got {v!r}")
+        if not (_finite(config.lora_dropout) and 0.0 <= config.lora_dropout < 1.0):
+            raise ConfigError(f"lora_dropout must be a number in [0, 1), got {config.lora_dropout!r}")
+        if not isinstance(config.use_rslora, bool):
+            raise ConfigError(f"use_rslora must be True or False, got {config.use_rslora!r}")
+        if config.init_lora_weights not in (True, False, "gaussian") or config.init_lora_weights in (0, 1) and \
+                not isinstance(config.init_lora_weights, bool):
+            raise ConfigError(
+                f"init_lora_weights={config.init_lora_weights!r} is not supported; use True, False or 'gaussian'")
+        if config.bias != "none":
+            raise ConfigError(f"bias={config.bias!r} is not supported; fxpeft trains no biases, use bias='none'")
+        if config.use_dora is not False:
+            raise ConfigError("use_dora=True is not supported yet; use plain LoRA (use_dora=False)")
+
+    @classmethod
+    def check_site(cls, site: Site, config: LoraConfig) -> str | None:
+        if site.kind == "conv" and site.groups != 1:
+            return f"grouped convolution (groups={site.groups}) is not supported by LoRA"
+        return super().check_site(site, config)
+
+    @classmethod
+    def check_selection(cls, config: LoraConfig, sites: list[Site]) -> None:
+        for name in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(config, name):
+                if not any(pattern_key_match(str(key), s.name, field=name) for s in sites):
+                    warnings.warn(f"{name} key {key!r} matches none of the {len(sites)} targeted sites; it has no effect")
+
+    @classmethod
+    def build(cls, site: Site, config: LoraConfig, adapter_name: str, weight: torch.Tensor) -> LoraAdapter:
+        r, alpha = cls._rank_alpha(config, site)
+        adapter = LoraAdapter(site, adapter_name, r, alpha, config.use_rslora, config.lora_dropout,
+                              adapter_dtype(weight, config.keep_base_dtype), weight.device)
+        adapter.reset_parameters(config.init_lora_weights)
+        return adapter
+
+    @staticmethod
+    def _rank_alpha(config: LoraConfig, site: Site) -> tuple[int, float]:
+        return (pattern_value(config.rank_pattern, site.name, config.r, "rank_pattern"),
+                pattern_value(config.alpha_pattern, site.name, config.lora_alpha, "alpha_pattern"))
+
+    @classmethod
+    def insert(cls, emit: Emit, site: Site, adapter: LoraAdapter) -> None:
+        x, y = emit.call.input, emit.call.node
+        cast = adapter.A.dtype != emit.gm.get_parameter(site.weight).dtype
+        A, B = emit.param("A", Role.DOWN_WEIGHT), emit.param("B", Role.UP_WEIGHT)
+        if site.kind == "embedding":
+            table = emit.op(aten.t.default, A, role=Role.COMPUTE)  # [r, num] -> [num, r]
+            pad = -1 if site.padding_idx is None else site.padding_idx
+            a = emit.op(aten.embedding.default, table, x, pad, role=Role.DOWN)  # [..., r]
+        else:
+            if cast:
+                x = emit.cast(x, adapter.A.dtype)
+            if hasattr(adapter, "dropout"):
+                x = emit.module("dropout", x, role=Role.DROPOUT)
+            if site.kind == "conv":
+                # A sees exactly the windows the base kernel sees: same stride, padding and dilation.
+                op = {1: aten.conv1d, 2: aten.conv2d, 3: aten.conv3d}[len(site.kernel_size)]
+                pad = site.padding if isinstance(site.padding, str) else list(site.padding)
+                a = emit.op(op.padding if isinstance(pad, str) else op.default, x, A, None, list(site.stride), pad,
+                            list(site.dilation), 1, role=Role.DOWN)  # [N, r, *spatial]
+            else:
+                a = emit.op(aten.linear.default, x, A, role=Role.DOWN)  # [..., r]
+        a = emit.op(aten.mul.Tensor, a, emit.param("scale", Role.SCALING), role=Role.SCALE)
+        if site.kind == "conv":
+            op = {1: aten.conv1d, 2: aten.conv2d, 3: aten.conv3d}[len(site.kernel_size)]
+            b = emit.op(op.default, a, B, role=Role.UP)  # 1x1: [N, out, *spatial]
+        else:
+            b = emit.op(aten.linear.default, a, B, role=Role.UP)  # [..., out]
+        if cast:  # PEFT adds in the adapter's dtype, then casts the sum back: one rounding
+            total = emit.op(aten.add.Tensor, y, b, role=Role.COMPUTE, replaces=0)
+            out = emit.cast(total, emit.gm.get_parameter(site.weight).dtype, role=Role.OUT, replaces=0)
+        else:
+            out = emit.op(aten.add.Tensor, y, b, role=Role.OUT, replaces=0)
+        emit.replace_output(out)
+
+    @classmethod
+    def fold(cls, adapter: LoraAdapter, site: Site, weight: torch.Tensor, bias: torch.Tensor | None):
+        return weight + adapter.delta_weight(site), bias
+
+    @classmethod
+    def unfold(cls, adapter: LoraAdapter, site: Site, weight: torch.Tensor, bias: torch.Tensor | None):
+        return weight - adapter.delta_weight(site), bias
+
+    # ---------------------------------------------------------------------------------- PEFT file format
+    @classmethod
+    def site_shapes(cls, config: LoraConfig, site: Site) -> dict[str, tuple[int, ...]]:
+        r, _ = cls._rank_alpha(config, site)
+        a, b = _KEYS[site.kind]
+        if site.kind == "conv":
+            ones = (1,) * len(site.kernel_size)
+            return {a: (r, site.in_features, *site.kernel_size), b: (site.out_features, r, *ones)}
+        return {a: (r, site.in_features), b: (site.out_features, r)}  # embedding: (r, num), (dim, r)
+
+    @classmethod
+    def site_tensors(cls, adapter: LoraAdapter, site: Site) -> dict[str, torch.Tensor]:
+        a, b = _KEYS[site.kind]
+        return {a: adapter.A.detach(), b: adapter.B.detach()}
+
+    @classmethod
+    def load_site_tensors(cls, adapter: LoraAdapter, site: Site, tensors: dict[str, torch.Tensor]) -> None:
+        a, b = _KEYS[site.kind]
+        with torch.no_grad():
+            adapter.A.copy_(tensors[a].reshape(adapter.A.shape))
+            adapter.B.copy_(tensors[b].reshape(adapter.B.shape))
+
+    @classmethod
+    def site_settings(cls, config: LoraConfig, site: Site) -> dict[str, Any]:
+        r, alpha = cls._rank_alpha(config, site)
+        return {"r": r, "alpha": alpha}
+
+    @classmethod
+    def adapter_settings(cls, adapter: LoraAdapter) -> dict[str, Any]:
+        return {"r": adapter.r, "alpha": adapter.lora_alpha}
+
+    @classmethod
+    def config_fields(cls, adapters: dict[str, LoraAdapter], sites: dict[str, Site], keys_for,
+                      target_modules: list[str]) -> dict[str, Any]:
+        rslora = {m.use_rslora for m in adapters.values()}
+        if len(rslora) > 1:
+            raise AdapterFileError("the adapter's sites disagree on use_rslora; one PEFT config has one use_rslora")
+        r = Counter(m.r for m in adapters.values()).most_common(1)[0][0]
+        alpha = Counter(m.lora_alpha for m in adapters.values()).most_common(1)[0][0]
+        dropouts = [getattr(getattr(m, "dropout", None), "p", 0.0) for m in adapters.values()]
+        return {"r": r, "lora_alpha": alpha, "lora_dropout": Counter(dropouts).most_common(1)[0][0],
+                "use_rslora": rslora.pop(), "init_lora_weights": True, "bias": "none", "use_dora": False,
+                "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
+                "fan_in_fan_out": any(sites[n].module_type == "Conv1D" for n in adapters),
+                "rank_pattern": keys_for({n: m.r for n, m in adapters.items()}, r),
+                "alpha_pattern": keys_for({n: m.lora_alpha for n, m in adapters.items()}, alpha)}
+
+    @classmethod
+    def differs_in_peft(cls, site: Site) -> str | None:
+        if site.kind == "conv" and any(d != 1 for d in (site.dilation or ())):
+            return ("conv LoRA on dilated convolution(s): PEFT's lora_A conv ignores the base dilation (it uses 1), "
+                    "fxpeft's uses it")
+        return None
+
+    @classmethod
+    def refused_keys(cls) -> dict[str, str]:
+        return {"lora_magnitude_vector": "DoRA (use_dora=True)", "lora_A.bias": "lora_bias=True",
+                "lora_B.bias": "lora_bias=True", "lora_embedding_A.bias": "lora_bias=True",
+                "lora_E": "AdaLoRA", "trainable_tokens_delta": "trainable_token_indices"}
+
+    @classmethod
+    def config_from_peft(cls, fields: dict[str, Any]) -> LoraConfig:
+        fields = dict(fields)
+        named = {"lora_bias": "lora_bias=True", "modules_to_save": "modules_to_save",
+                 "layers_to_transform": "layers_to_transform", "trainable_token_indices": "trainable tokens",
+                 "target_parameters": "target_parameters (LoRA on nn.Parameter)",
+                 "layer_replication": "layer_replication", "use_qalora": "QALoRA",
+                 "alora_invocation_tokens": "aLoRA", "use_dora": "DoRA (use_dora=True)"}
+        for key, feature in named.items():
+            v = fields.get(key)
+            if not (v is None or v is False or (isinstance(v, (list, dict, str, tuple)) and not v)):
+                raise AdapterFileError(f"the adapter uses {feature} ({key}={v!r}), which fxpeft does not support yet")
+        init = fields.pop("init_lora_weights", True)
+        if isinstance(init, str) and init.lower().startswith(_REFUSED_INITS):
+            raise AdapterFileError(
+                f"the adapter was initialised with init_lora_weights={init!r}, which rewrites the base weights or "
+                "trains another set of parameters; fxpeft loads plain LoRA on the original base only. Convert it "
+                "with PEFT first (save_pretrained(..., path_initial_model_for_weight_conversion=...))")
+        if fields.get("bias", "none") != "none":
+            raise AdapterFileError(f"the adapter trains biases (bias={fields['bias']!r}), which fxpeft does not support")
+        return config_from_fields(cls, fields)  # the weights come from the file: the init does not matter
+
+
+def pattern_value(pattern: dict[str, Any], name: str, default: Any, field_name: str) -> Any:
+    """PEFT's per-site override lookup: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", name)``
+    (matched by a linear-time engine: the keys may come from an untrusted file)."""
+    for key, value in pattern.items():
+        if pattern_key_match(str(key), name, field=field_name):
+            return value
+    return default

@@ -1,0 +1,25 @@
+"""The rewrite pipeline shared by :func:`fxpeft.rewrite` and :func:`fxpeft.load_adapter`: inject, then fuse."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import fx
+
+from .passes import FuseLowRankSiblings, InjectAdapter
+from .passes.transaction import transaction
+
+__all__ = ["rewrite_graph"]
+
+
+def rewrite_graph(gm: fx.GraphModule, config: Any, adapter_name: str = "default", *, fuse: bool = True) -> fx.GraphModule:
+    """Inject one adapter and (by default) fuse sibling chains, generating the code once."""
+    if not fuse:
+        return InjectAdapter(config, adapter_name)(gm).graph_module
+    # Code generation is the costliest step on a big graph: do it once, after fusion. Both passes are atomic;
+    # the outer transaction makes the pair atomic too.
+    with transaction(gm):
+        InjectAdapter(config, adapter_name, recompile=False)(gm)
+        if not FuseLowRankSiblings(adapter_names=(adapter_name,))(gm).modified:
+            gm.recompile()
+    return gm

@@ -1,0 +1,104 @@
+"""All-or-nothing graph edits: a pass that fails part-way, for any reason, leaves the graph as it was.
+
+:func:`transaction` snapshots what a pass can change, cheaply (references, not tensors): the node order and
+every node's arguments, each module's parameter / buffer / submodule tables, ``requires_grad`` flags and the
+graph's info record. Tensors a pass writes in place are registered with :meth:`Transaction.will_write`,
+which keeps a copy of their data until the pass commits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+
+import torch
+from torch import fx
+
+from fxpeft.tags import INFO_KEY
+
+__all__ = ["Transaction", "transaction"]
+
+
+class Transaction:
+    """What :func:`transaction` restores on failure."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        self.args = [(n.args, n.kwargs) for n in self.nodes]
+        self.tables = [(m, dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in gm.modules()]
+        self.grads = [(p, p.requires_grad) for p in gm.parameters()]
+        meta = getattr(gm, "meta", None)
+        self.info = copy.copy(meta.get(INFO_KEY)) if isinstance(meta, dict) else None
+        self.code = gm.code if hasattr(gm, "_code") else None
+        self.written: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def will_write(self, t: torch.Tensor) -> None:
+        """Keep a copy of ``t``'s data: the pass is about to write it in place."""
+        self.written.append((t, t.detach().clone()))
+
+    def rollback(self) -> None:
+        graph = self.gm.graph
+        # An erased node cannot be put back in the list: stand a fresh node in for it, same name and meta.
+        stand_in = {}
+        for node in self.nodes:
+            if node._erased:
+                new = graph.create_node(node.op, node.target, (), {}, type_expr=node.type)
+                new.name, new.meta = node.name, node.meta
+                stand_in[node] = new
+        swap = lambda a: fx.node.map_arg(a, lambda n: stand_in.get(n, n))  # noqa: E731
+        for node, (args, kwargs) in zip(self.nodes, self.args):
+            node = stand_in.get(node, node)
+            node.args, node.kwargs = swap(args), swap(kwargs)  # also restores every use list
+        keep = {stand_in.get(n, n) for n in self.nodes}
+        added = [n for n in graph.nodes if n not in keep]
+        for node in added:  # only added nodes use added nodes now: cut those links, then erase
+            node.args, node.kwargs = (), {}
+        for node in reversed(added):
+            graph.erase_node(node)
+        prev = graph._root
+        for node in self.nodes:  # restore the order (a pass may have moved nodes)
+            node = stand_in.get(node, node)
+            if prev.next is not node:
+                prev.append(node)
+            prev = node
+        for m, params, buffers, modules in self.tables:
+            for table, saved in ((m._parameters, params), (m._buffers, buffers), (m._modules, modules)):
+                table.clear()
+                table.update(saved)
+        with torch.no_grad():
+            for t, data in self.written:
+                t.copy_(data)
+        for p, flag in self.grads:
+            p.requires_grad_(flag)
+        if self.info is not None:
+            self.gm.meta[INFO_KEY] = self.info
+        if self.code is not None and self.gm.code != self.code:
+            self.gm.recompile()
+
+
+@contextlib.contextmanager
+def transaction(gm: fx.GraphModule) -> Iterator[Transaction]:
+    """Run a block of graph edits all-or-nothing: on any exception (``KeyboardInterrupt`` too) ``gm`` is
+    restored, then the exception propagates.
+
+    Example:
+        >>> import torch, fxpeft
+        >>> from fxpeft.passes.transaction import transaction
+        >>> gm = fxpeft.trace(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+        >>> before = gm.code
+        >>> try:
+        ...     with transaction(gm):
+        ...         gm.graph.erase_node(list(gm.graph.nodes)[-1]); raise RuntimeError("boom")
+        ... except RuntimeError:
+        ...     pass
+        >>> gm.code == before
+        True
+    """
+    txn = Transaction(gm)
+    try:
+        yield txn
+    except BaseException:
+        txn.rollback()
+        raise
