@@ -64,7 +64,7 @@ class AdapterModule(nn.Module):
         super().__init__()
         self.site_name = site_name
         self.adapter_name = adapter_name
-        self.register_buffer("gate", torch.ones(()), persistent=False)
+        self.register_buffer("gate", torch.ones((), dtype=torch.bool), persistent=False)
 
     @property
     def active(self) -> bool:
@@ -73,7 +73,7 @@ class AdapterModule(nn.Module):
     def set_active(self, on: bool) -> None:
         """Switch the adapter on or off for every later call (graph and compiled code unchanged)."""
         with torch.no_grad():
-            self.gate.fill_(1.0 if on else 0.0)
+            self.gate.fill_(bool(on))
 
     def extra_repr(self) -> str:
         return f"site={self.site_name!r}, adapter={self.adapter_name!r}"
