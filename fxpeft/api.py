@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
+import uuid
 import warnings
 from typing import Any
 
@@ -214,6 +214,8 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, dyn
         gm = fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Graph")
         dialect = "fx"
     _record(gm, model, dialect)
+    from .serialize import make_picklable  # fxpeft.serialize hook: pickle/deepcopy keep the graph, tags, GraphInfo
+    gm = make_picklable(gm)
     gm.train(model.training)
     gm.graph.lint()
     return gm
@@ -308,8 +310,8 @@ def export(gm: nn.Module, path: str | os.PathLike, args: tuple = (), kwargs: dic
         gm.train(was_training)
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".fxpeft-tmp-", suffix=".pt2", dir=directory)
-    os.close(fd)
+    # torch.export.save opens the file itself, so the umask applies (mkstemp would leave it 0600).
+    tmp = os.path.join(directory, f".fxpeft-export-{os.getpid()}-{uuid.uuid4().hex}.pt2")
     try:
         torch.export.save(ep, tmp)
         os.replace(tmp, path)

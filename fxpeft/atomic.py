@@ -14,6 +14,11 @@ A save (:func:`commit_files`) never leaves a mix of two saves that loads silentl
 Because the manifest goes first, a kill anywhere in phase 2 leaves some file that does not match it, and
 :func:`verify_files` (which readers call, under a shared lock) raises :class:`~fxpeft.errors.AdapterFileError`.
 A directory without a manifest was not written by fxpeft (HF PEFT, a download) and is accepted as it is.
+A loader holds the shared lock over the check and its reads, so it reads the files it checked::
+
+    with read_lock(directory):
+        verify_files(directory, [CONFIG_NAME, WEIGHTS_NAME])
+        ...  # read them
 
 Files in a directory (``<id>`` is 16 hex digits, one per save)::
 
@@ -24,11 +29,16 @@ Files in a directory (``<id>`` is 16 hex digits, one per save)::
     .fxpeft-tmp-<id>-<name>          a running save's temp files (and its manifest)
 
 A writer's marker is locked as long as the writer lives (the kernel drops the lock when it dies, even on
-``SIGKILL``), so the next save removes the temp files of dead writers and never those of a live one.
+``SIGKILL``), so the next save removes the temp files of dead writers and never those of a live one. It also
+removes the ``.fxpeft-tmp-XXXXXXXX-<name>`` files that fxpeft 0.1's saves left when killed (they had no
+marker), and leaves ``fxpeft.export``'s ``.fxpeft-tmp-XXXXXXXX.pt2`` alone (it may be running).
 ``flock`` locks belong to an open file description, so threads of one process exclude each other too.
 
-Limits: posix first. Without ``fcntl`` (Windows) saves are not serialised and no temp file is cleaned up.
-On NFS, Linux emulates ``flock`` with POSIX locks, which do not separate threads of one process.
+Limits: posix first. Without ``fcntl`` (Windows), or on a file system without ``flock`` (Lustre mounted
+without ``-o flock``), saves still write temp files and a manifest but are not serialised, and no temp file of
+another save is removed. On NFS, Linux emulates ``flock`` with POSIX locks, which do not separate threads of
+one process. With node-local locks (Lustre ``-o localflock``), saves from two nodes into one directory at once
+are not safe.
 """
 
 from __future__ import annotations
@@ -56,12 +66,15 @@ LOCK_NAME = ".fxpeft.lock"
 TMP_PREFIX = ".fxpeft-tmp-"
 _FORMAT = "fxpeft-manifest/1"
 _CHUNK = 1 << 20
-# A save's marker, and its temp files or marker; the id is what ties the temp files to the marker's lock.
+# A save's marker; and any file of a save (marker or temp file), whose id ties it to the marker's lock.
 _MARKER = re.compile(re.escape(TMP_PREFIX) + r"(?P<id>[0-9a-f]{16})\.lock")
 _OWN_TMP = re.compile(re.escape(TMP_PREFIX) + r"(?P<id>[0-9a-f]{16})(?:\.lock|-.+)", re.S)
 # Temp files of fxpeft <= 0.1's io._commit (mkstemp names, no marker): only ever left by a dead save.
 # fxpeft.export's ``.fxpeft-tmp-XXXXXXXX.pt2`` temp files do not match (no "-" after the random part).
 _LEGACY_TMP = re.compile(re.escape(TMP_PREFIX) + r"[a-z0-9_]{8}-.+", re.S)
+
+# flock's errors on a file system that does not implement it.
+_NO_FLOCK = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
 
 Writer = Callable[[str], None]
 
@@ -78,17 +91,47 @@ def _flock(fd: int, op: str, block: bool = True) -> bool:
         fcntl.flock(fd, flags if block else flags | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
+    except OSError as e:
+        if e.errno not in _NO_FLOCK:
+            raise
+        # The file system has no flock (Lustre without -o flock, some FUSE mounts): go on unlocked, and answer
+        # every probe "held", so no writer is ever taken for dead and its temp files stay.
+        return block
     return True
 
 
-def _create(path: str, keep_open: bool = False) -> int | None:
+# Descriptors that hold a flock. A forked child (a DataLoader worker, say) shares their open file
+# descriptions, so it would hold the locks for its whole life: the directory lock would block every save and
+# load there, a marker would keep a killed writer "alive". The child closes its copies at once.
+_LOCK_FDS: set[int] = set()
+
+
+def _close_locks_in_child() -> None:
+    for fd in list(_LOCK_FDS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _LOCK_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_locks_in_child)
+
+
+def _open_lock(path: str, flags: int) -> int:
+    fd = os.open(path, flags, 0o666)
+    _LOCK_FDS.add(fd)
+    return fd
+
+
+def _close_lock(fd: int) -> None:
+    _LOCK_FDS.discard(fd)  # first: the number may be reused by another thread right after close
+    os.close(fd)
+
+
+def _create(path: str) -> None:
     # Mode 0o666 minus the umask, as open() gives a new file (mkstemp would give 0600). os.umask() is not
     # used to read the mask: it is process-global and changing it races with other threads.
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o666)
-    if keep_open:
-        return fd
-    os.close(fd)
-    return None
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o666))
 
 
 def _sha256(f) -> str:
@@ -149,7 +192,7 @@ def commit_files(directory: str | os.PathLike, files: Sequence[tuple[str, Writer
 
     Concurrent calls (threads or processes) on one directory leave one caller's files, all of them; a call that
     fails or is killed leaves either the previous set (failure while writing) or a set that
-    :func:`verify_files` refuses (kill while renaming). The next call removes the temp files of dead savers.
+    :func:`verify_files` refuses (kill while renaming). The next call removes the temp files of dead writers.
     New files get mode ``0o666`` minus the umask, as ``open()`` gives a new file (an existing file's mode is
     not kept).
 
@@ -182,7 +225,7 @@ def commit_files(directory: str | os.PathLike, files: Sequence[tuple[str, Writer
     directory = os.fspath(directory)
     names = _check_names(files)
     os.makedirs(directory, exist_ok=True)
-    lock_fd = os.open(os.path.join(directory, LOCK_NAME), os.O_CREAT | os.O_RDWR, 0o666)
+    lock_fd = _open_lock(os.path.join(directory, LOCK_NAME), os.O_CREAT | os.O_RDWR)
     try:
         save_id, marker_fd = _start(directory, lock_fd)
         try:
@@ -191,10 +234,10 @@ def commit_files(directory: str | os.PathLike, files: Sequence[tuple[str, Writer
             _remove_dead(directory, save_id)
             _publish(directory, manifest_tmp, temps, _stale_names(directory, names, stale))
         finally:
-            _remove_own(directory, save_id)  # nothing is left after a success; after a failure, the temp files
-            os.close(marker_fd)
+            _remove_own(directory, save_id)  # the temp files a failure left (none after a success), the marker
+            _close_lock(marker_fd)
     finally:
-        os.close(lock_fd)
+        _close_lock(lock_fd)
 
 
 def _start(directory: str, lock_fd: int) -> tuple[str, int]:
@@ -204,7 +247,7 @@ def _start(directory: str, lock_fd: int) -> tuple[str, int]:
     # instant between its creation and its flock, when it would look like a dead writer's.
     _flock(lock_fd, "sh")
     try:
-        fd = _create(os.path.join(directory, f"{TMP_PREFIX}{save_id}.lock"), keep_open=True)
+        fd = _open_lock(os.path.join(directory, f"{TMP_PREFIX}{save_id}.lock"), os.O_CREAT | os.O_EXCL | os.O_RDWR)
         _flock(fd, "ex")
     finally:
         _flock(lock_fd, "un")
@@ -241,8 +284,8 @@ def _stale_names(directory: str, names: list[str], stale: Callable[[str], bool] 
 
 def _publish(directory: str, manifest_tmp: str, temps: list[tuple[str, str]], stale: list[str]) -> None:
     """Phase 2 (under the exclusive lock): manifest, stale removals, renames, in that order."""
-    # The manifest already describes the new files: from here to the last rename some file does not match it,
-    # so a kill in between is caught by verify_files instead of loading an old config beside new weights.
+    # The manifest already describes the new files: until a file's own rename it holds the old save's bytes
+    # and does not match, so a kill in between is caught by verify_files (no old config beside new weights).
     os.replace(manifest_tmp, os.path.join(directory, MANIFEST_NAME))
     _fsync_dir(directory)  # the manifest reaches the disk before any file it describes
     for name in stale:
@@ -266,7 +309,7 @@ def _remove_own(directory: str, save_id: str) -> None:
 def _is_live(marker: str) -> bool:
     """Whether the writer owning ``marker`` still runs (it holds the marker's flock)."""
     try:
-        fd = os.open(marker, os.O_RDWR)  # writable: NFS emulates an exclusive flock with a write lock
+        fd = _open_lock(marker, os.O_RDWR)  # writable: NFS emulates an exclusive flock with a write lock
     except FileNotFoundError:
         return False
     except OSError:
@@ -274,7 +317,7 @@ def _is_live(marker: str) -> bool:
     try:
         return not _flock(fd, "ex", block=False)
     finally:
-        os.close(fd)
+        _close_lock(fd)
 
 
 def _remove_dead(directory: str, own_id: str) -> None:
@@ -315,7 +358,7 @@ def read_lock(directory: str | os.PathLike) -> Iterator[bool]:
     """
     fd = None
     with contextlib.suppress(OSError):
-        fd = os.open(os.path.join(os.fspath(directory), LOCK_NAME), os.O_RDONLY)
+        fd = _open_lock(os.path.join(os.fspath(directory), LOCK_NAME), os.O_RDONLY)
     if fd is None:
         yield False
         return
@@ -323,7 +366,7 @@ def read_lock(directory: str | os.PathLike) -> Iterator[bool]:
         _flock(fd, "sh")
         yield True
     finally:
-        os.close(fd)
+        _close_lock(fd)
 
 
 def verify_files(directory: str | os.PathLike, names: Iterable[str] | None = None) -> None:

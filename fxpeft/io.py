@@ -37,7 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import fx, nn
 
-from .atomic import commit_files, verify_files
+from .atomic import commit_files, read_lock, verify_files
 from .errors import AdapterFileError, FxPeftError, TargetError
 from .pipeline import rewrite_graph
 from .passes.inject import adapter_modules
@@ -379,11 +379,12 @@ def _open_adapter_dir(directory: str | os.PathLike) -> tuple[dict[str, Any], dic
             f"{directory!r} holds only {_LEGACY_WEIGHTS}, a pickle; fxpeft never unpickles. Convert it once:\n"
             "    import torch, safetensors.torch as st\n"
             f"    st.save_file(torch.load('{_LEGACY_WEIGHTS}', weights_only=True), '{WEIGHTS_NAME}')")
-    config = _read_config(directory)
-    if not os.path.isfile(weights):
-        raise AdapterFileError(f"{directory!r} has no {WEIGHTS_NAME}")
-    verify_files(directory, [CONFIG_NAME, WEIGHTS_NAME])
-    return config, _read_tensors(weights)
+    with read_lock(directory):  # no concurrent save renames files between the check and the reads
+        config = _read_config(directory)
+        if not os.path.isfile(weights):
+            raise AdapterFileError(f"{directory!r} has no {WEIGHTS_NAME}")
+        verify_files(directory, [CONFIG_NAME, WEIGHTS_NAME])
+        return config, _read_tensors(weights)
 
 
 def load_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_name: str = "default") -> fx.GraphModule:

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import fx
 
+from .errors import ConfigError
 from .passes import FuseLowRankSiblings, InjectAdapter
 from .passes.transaction import transaction
 
@@ -14,6 +15,9 @@ __all__ = ["rewrite_graph"]
 
 def rewrite_graph(gm: fx.GraphModule, config: Any, adapter_name: str = "default", *, fuse: bool = True) -> fx.GraphModule:
     """Inject one adapter and (by default) fuse sibling chains, generating the code once."""
+    if not isinstance(gm, fx.GraphModule):
+        raise ConfigError(f"rewrite takes the graph of a model (a torch.fx.GraphModule), got {type(gm).__name__}; "
+                          "capture the model first: gm = fxpeft.trace(model, args, kwargs)")
     if not fuse:
         return InjectAdapter(config, adapter_name)(gm).graph_module
     # Code generation is the costliest step on a big graph: do it once, after fusion. Both passes are atomic;

@@ -119,6 +119,9 @@ class InjectAdapter:
     recompile: bool = True
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
+        if not isinstance(gm, fx.GraphModule):
+            raise ConfigError(f"rewrite takes the graph of a model (a torch.fx.GraphModule), got {type(gm).__name__}; "
+                              "capture the model first: gm = fxpeft.trace(model, args, kwargs)")
         method = PeftRegistry.for_config(self.config)
         name = check_adapter_name(self.adapter_name)
         info = graph_info(gm)
