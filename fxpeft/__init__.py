@@ -29,6 +29,7 @@ from .errors import (
     DrawError,
     FxPeftError,
     GraphvizNotFoundError,
+    InputShapeError,
     MergeError,
     TargetError,
     TraceError,
@@ -39,7 +40,7 @@ from .io import config_from_peft, load_adapter, save_adapter, save_merged
 from .methods import IA3Config, LoraConfig
 from .registry import AdapterModule, Emit, Method, PeftConfigBase, PeftRegistry
 from .tags import AdapterTag, GraphInfo, Role
-from .sites import Site, find_sites, list_sites
+from .sites import Site, find_sites, list_sites, unreached_weights
 from .viz import draw
 
 __version__ = "0.1.0"
@@ -56,6 +57,7 @@ __all__ = [
     "adapters",
     "list_sites",
     "find_sites",
+    "unreached_weights",
     "draw",
     "to_networkx",
     "Site",
@@ -73,6 +75,7 @@ __all__ = [
     "GraphInfo",
     "FxPeftError",
     "TraceError",
+    "InputShapeError",
     "ConfigError",
     "TargetError",
     "UnsupportedSiteError",

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.fx.graph import _PyTreeCodeGen
 
 from .errors import TraceError
@@ -66,11 +67,6 @@ def _export_program(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes,
     than a symbolic image, say), retry with batch/sequence dims only, then static, and warn."""
     if dynamic_shapes is not None:
         return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
-    for i, x in enumerate(pytree.tree_leaves((args, kwargs))):
-        if isinstance(x, torch.Tensor) and 1 in tuple(x.shape)[:2]:
-            # torch.export specialises every size-1 dim (0/1 specialisation): the graph would accept only 1.
-            warnings.warn(f"trace: example input {i} has shape {tuple(x.shape)}; torch.export fixes size-1 dims, so "
-                          "the graph will accept only that size there. Trace with a batch (and sequence) of at least 2.")
     first_error = None
     for dims in ("all", "batch-seq", "none"):
         try:
@@ -85,6 +81,50 @@ def _export_program(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes,
                           f"traced with {'batch/sequence dims dynamic' if dims == 'batch-seq' else 'static shapes'}")
         return ep
     raise first_error
+
+
+def _own_copies(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Contiguous copies of the example tensors: torch.export's guards on a strided view (``ids[:, 2:10]``)
+    would otherwise break later calls with another shape."""
+    def own(x):
+        if isinstance(x, torch.Tensor):
+            return x.detach().clone(memory_format=torch.contiguous_format).requires_grad_(x.requires_grad)
+        return x
+
+    return pytree.tree_map(own, args), pytree.tree_map(own, kwargs)
+
+
+def _record_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
+    """Record which input dims stayed dynamic and which torch.export fixed; warn about a fixed batch or
+    sequence dim (a size-1 example dim, or a length the model itself fixes), and say why."""
+    leaves = pytree.tree_leaves((args, kwargs))
+    holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(holders) != len(leaves):
+        return
+    info = graph_info(gm)
+    pytree_info = getattr(gm.graph._codegen, "pytree_info", None)
+    names = list(getattr(pytree_info, "orig_args", None) or [])  # the names users call the graph with
+    names = names if len(names) == len(holders) else [n.name for n in holders]
+    for node, name, x in zip(holders, names, leaves):
+        val = node.meta.get("val")
+        if not isinstance(x, torch.Tensor) or not isinstance(val, torch.Tensor):
+            continue
+        info.dynamic_dims[name] = [i for i, d in enumerate(val.shape) if not is_concrete_int(d)]
+        # dim 0 is the batch; dim 1 the sequence of token ids ([B, T]) or of hidden states ([B, T, H])
+        watched = [0] + ([1] if x.dim() == 2 and not x.is_floating_point() or x.dim() == 3 else [])
+        for i in watched:
+            if i < x.dim() and is_concrete_int(val.shape[i]):
+                why = ("the example has size 1 there, and torch.export fixes size-1 dims; trace with a batch (and "
+                       "sequence) of at least 2" if x.shape[i] == 1 else
+                       "the model fixes it (a shape-dependent branch, a fixed-size buffer or a view); pass "
+                       "dynamic_shapes= to trace to see where")
+                info.specialized[f"{name}.shape[{i}]"] = f"fixed at {x.shape[i]}: {why}"
+    set_graph_info(gm, info)
+    guards = getattr(gm, "_guards_fn", None)
+    if isinstance(guards, nn.Module):  # its errors name the dim and this reason
+        guards.fxpeft_reasons = dict(info.specialized)
+    for dim, why in info.specialized.items():
+        warnings.warn(f"trace: {dim} is {why}. The graph accepts only that size there.")
 
 
 def _record(gm: fx.GraphModule, model: nn.Module, dialect: str) -> None:
@@ -196,7 +236,8 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, dyn
         raise TraceError(f"trace() takes an nn.Module, got {type(model).__name__}")
     kwargs = dict(kwargs or {})
     if args or kwargs:
-        gm = _export(model, tuple(args), kwargs, dynamic_shapes, strict)
+        args, kwargs = _own_copies(tuple(args), kwargs)
+        gm = _export(model, args, kwargs, dynamic_shapes, strict)
         dialect = "export"
     else:
         class _Tracer(fx.Tracer):
@@ -214,6 +255,8 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, dyn
         gm = fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Graph")
         dialect = "fx"
     _record(gm, model, dialect)
+    if dialect == "export":
+        _record_shapes(gm, args, kwargs)
     from .serialize import make_picklable  # fxpeft.serialize hook: pickle/deepcopy keep the graph, tags, GraphInfo
     gm = make_picklable(gm)
     gm.train(model.training)

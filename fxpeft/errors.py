@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "FxPeftError",
     "TraceError",
+    "InputShapeError",
     "ConfigError",
     "TargetError",
     "UnsupportedSiteError",
@@ -22,6 +23,10 @@ class FxPeftError(Exception):
 
 class TraceError(FxPeftError):
     """The model could not be captured as a graph."""
+
+
+class InputShapeError(FxPeftError, ValueError):
+    """A traced graph was called with an input shape it was not traced for (the message names the dim and why)."""
 
 
 class ConfigError(FxPeftError, ValueError):

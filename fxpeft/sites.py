@@ -24,7 +24,7 @@ from torch import fx, nn
 
 from .tags import get_tag, graph_info
 
-__all__ = ["Call", "Site", "find_sites", "list_sites", "graph_dialect"]
+__all__ = ["Call", "Site", "find_sites", "list_sites", "unreached_weights", "graph_dialect"]
 
 aten = torch.ops.aten
 
@@ -338,8 +338,67 @@ def find_sites(gm: fx.GraphModule) -> dict[str, Site]:
     return sites
 
 
-def list_sites(gm: fx.GraphModule) -> list[Site]:
+def _op_label(node: fx.Node) -> str:
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target)).split(".")[0]
+    return f"{node.op} {node.target}"
+
+
+def unreached_weights(gm: fx.GraphModule, sites: dict[str, Site] | None = None) -> dict[str, str]:
+    """Parameters that the graph uses, but not as the weight of a site, with why no site reaches them.
+
+    Examples: a weight read through a view or a slice (a cross-attention ``in_proj`` slice), on the left of a
+    matmul or in an einsum (Mamba's ``dt_proj`` slow path), through a permute, a table read by an add (a
+    positional embedding), or anything inside a module that the graph calls as one opaque ``call_module``.
+
+    Example:
+        >>> import torch, fxpeft
+        >>> class M(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__(); self.w = torch.nn.Parameter(torch.randn(4, 4))
+        ...     def forward(self, x):
+        ...         return self.w @ x
+        >>> fxpeft.sites.unreached_weights(fxpeft.trace(M()))
+        {'w': 'read by matmul (on the left, or as a plain operand): not the weight of a linear/conv/embedding call'}
+    """
+    sites = find_sites(gm) if sites is None else sites
+    reached = {s.weight for s in sites.values()} | {s.bias for s in sites.values() if s.bias}
+    reached_ids = {id(_attr(gm, w)) for w in reached}
+    out: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if get_tag(node) is not None:
+            continue
+        if node.op == "get_attr":
+            t = _attr(gm, node.target)
+            if isinstance(t, nn.Parameter) and id(t) not in reached_ids and node.users:
+                ops = sorted({_op_label(u) for u in node.users})
+                how = "through " + ", ".join(ops) if all(_op_label(u) in _VIEW_LIKE for u in node.users) else \
+                    "by " + ", ".join(ops) + " (on the left, or as a plain operand)"
+                out.setdefault(node.target, f"read {how}: not the weight of a linear/conv/embedding call")
+        elif node.op == "call_module" and node.target not in sites:
+            mod = _attr(gm, node.target)
+            for name, p in (mod.named_parameters() if isinstance(mod, nn.Module) else ()):
+                if id(p) not in reached_ids:
+                    out.setdefault(f"{node.target}.{name}", f"applied inside {type(mod).__name__} {node.target!r}, "
+                                   "which the graph calls as one opaque module; trace with example inputs to see inside")
+    return out
+
+
+_VIEW_LIKE = {"view", "reshape", "slice", "select", "permute", "transpose", "t", "squeeze", "unsqueeze", "expand",
+              "narrow", "getitem", "__getitem__", "flatten", "unflatten", "as_strided", "split", "chunk", "unbind",
+              "call_method view", "call_method reshape", "call_method permute", "call_method squeeze",
+              "call_method unsqueeze", "call_method t", "call_method transpose", "call_method narrow"}
+
+
+def list_sites(gm: fx.GraphModule, *, with_unreached: bool = False):
     """The targetable sites of a graph: the answer to "what do I put in ``target_modules``?".
+
+    Args:
+        gm: a traced graph.
+        with_unreached: also return :func:`unreached_weights`: parameters no site reaches, and why.
+
+    Returns:
+        The sites; with ``with_unreached``, ``(sites, {parameter: why})``.
 
     Example:
         >>> import torch, fxpeft
@@ -347,4 +406,5 @@ def list_sites(gm: fx.GraphModule) -> list[Site]:
         >>> [(s.name, s.kind, s.weight_shape) for s in fxpeft.list_sites(gm)]
         [('0', 'linear', (8, 4))]
     """
-    return list(find_sites(gm).values())
+    sites = find_sites(gm)
+    return (list(sites.values()), unreached_weights(gm, sites)) if with_unreached else list(sites.values())

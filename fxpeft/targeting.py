@@ -8,13 +8,14 @@
 from __future__ import annotations
 
 import difflib
+import warnings
 from typing import Any
 
 import torch
 from torch import fx
 
 from .errors import TargetError
-from .sites import Site, find_sites
+from .sites import Site, find_sites, unreached_weights
 from .tags import graph_info
 from .untrusted import fullmatch
 
@@ -102,7 +103,23 @@ def select_sites(gm: fx.GraphModule, config: Any, method, sites: dict[str, Site]
         chosen = [s for s in chosen if not matches(excl, s.name, "exclude_modules")]
         if not chosen:
             raise TargetError(f"exclude_modules {excl!r} excludes every targeted site; nothing would be adapted")
+    if not (isinstance(targets, str) and targets.lower() in ("all-linear", "all_linear")):
+        _warn_unreached(gm, targets, excl, sites)
     return chosen
+
+
+def _warn_unreached(gm: fx.GraphModule, targets, excl, sites: dict[str, Site]) -> None:
+    """Say which targeted modules own weights that no site reaches (they would be skipped silently)."""
+    candidates = [m for m, mod in gm.named_modules() if m and m not in sites and any(True for _ in mod.parameters(False))
+                  and matches(targets, m) and not (excl and matches(excl, m, "exclude_modules"))]
+    if not candidates:
+        return
+    unreached = unreached_weights(gm, sites)
+    hit = {p: why for p, why in unreached.items() if p.rpartition(".")[0] in candidates}
+    if hit:
+        lines = "; ".join(f"{p} ({why})" for p, why in list(hit.items())[:4])
+        warnings.warn(f"target_modules matches modules whose weights no site reaches, so they are not adapted: {lines}"
+                      f"{' ...' if len(hit) > 4 else ''}. fxpeft.list_sites(gm, with_unreached=True) lists them all.")
 
 
 def _near(target: str, gm: fx.GraphModule, sites: dict[str, Site]) -> str:
@@ -127,7 +144,9 @@ def _near(target: str, gm: fx.GraphModule, sites: dict[str, Site]) -> str:
             msg += (f" {m!r} pads with padding_mode={mod.padding_mode!r}, which a symbolic_trace site cannot see; "
                     "trace with example inputs, where the padding is its own op.")
         else:
-            msg += f" {m!r} exists but applies no linear/conv/embedding weight of its own."
+            why = {p: w for p, w in unreached_weights(gm, sites).items() if p.rpartition(".")[0] == m}
+            msg += f" {m!r} exists but applies no linear/conv/embedding weight of its own" + (
+                f": {'; '.join(f'{p} is {w}' for p, w in why.items())}." if why else ".")
     if close:
         msg += f" Did you mean one of {close}?"
     return msg + f" Targetable sites: {leaves[:12]}{' ...' if len(leaves) > 12 else ''}; fxpeft.list_sites(gm) lists all {len(names)}."
