@@ -4,7 +4,9 @@
 
 * a Python factory ``pkg.module:fn`` (or ``pkg.module:fn(layers=16)`` with literal arguments) returning a
   model, or a model with example inputs (an :class:`fxpeft.zoo.Example` or a ``(model, args, kwargs)``
-  tuple). With inputs the model is captured with ``torch.export``, without with ``torch.fx.symbolic_trace``;
+  tuple). With inputs the model is captured with ``torch.export``, without with ``torch.fx.symbolic_trace``.
+  fxpeft imports ``pkg.module`` and runs ``fn``: that executes the module's Python code, so name only code
+  you trust;
 * a local Hugging Face model directory (or its ``config.json``): the model is built from the config, and
   loaded with its weights when the directory has them; it is captured with example ``input_ids``.
 
@@ -13,6 +15,10 @@ Examples::
     fxpeft inspect fxpeft.zoo:tiny_llama
     fxpeft draw fxpeft.zoo:tiny_llama --out llama.svg --lora r=8,target=q_proj,v_proj
     fxpeft draw fxpeft.zoo:cnn --out cnn.png --lora target=conv1,conv2 --merge --diff
+
+``draw`` has one ``--<name> SPEC`` option per method in :class:`fxpeft.PeftRegistry` (see
+:func:`parse_adapter_spec`). Every error is one line on stderr, ``fxpeft COMMAND: error: ...``, with exit
+status 2 for a command-line mistake and 1 otherwise; ``--debug`` prints the traceback too.
 """
 
 from __future__ import annotations
@@ -24,8 +30,12 @@ import importlib
 import inspect
 import json
 import os
+import math
 import sys
 import time
+import traceback
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +45,13 @@ __all__ = ["main", "build_parser", "load_model", "parse_adapter_spec"]
 
 
 class CliError(FxPeftError):
-    """A command-line mistake (a MODEL that cannot be found, a malformed ``--lora``); the message names the fix."""
+    """A command-line mistake (a MODEL that cannot be found, a malformed ``--<method>`` SPEC); exit status 2.
+    The message names the fix."""
+
+
+class CommandError(FxPeftError):
+    """The command could not do its job for a reason outside fxpeft (the user's factory raised, ``--out``
+    cannot be written); exit status 1."""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -73,10 +89,13 @@ def _literal_call(spec: str, expr: str) -> tuple[str, tuple, dict]:
 def _from_factory(spec: str):
     module_name, _, expr = spec.partition(":")
     name, args, kwargs = _literal_call(spec, expr)
+    # Importing the module runs its code (that is what a factory MODEL is): anything it raises is reported.
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as e:
         raise CliError(f"MODEL {spec!r}: cannot import module {module_name!r} ({e}); is it on PYTHONPATH?") from None
+    except Exception as e:
+        raise CommandError(f"MODEL {spec!r}: importing {module_name!r} raised {_describe(e)}") from e
     for part in name.split("."):
         if not hasattr(obj, part):
             raise CliError(f"MODEL {spec!r}: module {module_name!r} has no attribute {name!r}")
@@ -88,9 +107,21 @@ def _from_factory(spec: str):
             raise CliError(f"MODEL {spec!r}: {name!r} is not a function; drop the arguments")
         return obj
     try:
+        inspect.signature(obj).bind(*args, **kwargs)
+    except TypeError as e:  # the arguments do not fit: the command line's mistake
+        raise CliError(f"MODEL {spec!r}: cannot call {name}(...) with these arguments: {e}") from None
+    except ValueError:  # no signature to check (a builtin): let the call say
+        pass
+    try:
         return obj(*args, **kwargs)
-    except TypeError as e:
-        raise CliError(f"MODEL {spec!r}: calling {name}(...) failed: {e}") from None
+    except Exception as e:  # the user's factory failed: its error, in one line (--debug shows the traceback)
+        raise CommandError(f"MODEL {spec!r}: {name}(...) raised {_describe(e)}") from e
+
+
+def _describe(e: BaseException) -> str:
+    """``ValueError: the first line of the message``."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def _hf_inputs(model, config) -> tuple[tuple, dict]:
@@ -199,88 +230,162 @@ def _trace(spec: str, fx_only: bool):
 
 
 # --------------------------------------------------------------------------------------------------------
-# --lora / --ia3
+# --<method> SPEC (one option per registered method)
 # --------------------------------------------------------------------------------------------------------
 
-_ALIASES = {"rank": "r", "target": "target_modules", "targets": "target_modules", "exclude": "exclude_modules",
-            "ff": "feedforward_modules", "feedforward": "feedforward_modules", "alpha": "lora_alpha",
-            "dropout": "lora_dropout", "rslora": "use_rslora", "init": None}
-_LIST_FIELDS = {"target_modules", "exclude_modules", "feedforward_modules"}
+# Keys every method's spec accepts, beyond its config's field names and its own ``Method.spec_aliases``.
+_GENERIC_ALIASES = {"target": "target_modules", "targets": "target_modules", "exclude": "exclude_modules"}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
-def _parse_value(field: dataclasses.Field, raw: str, flag: str):
-    default = field.default if field.default is not dataclasses.MISSING else None
+def _spec_keys(method) -> dict[str, str]:
+    """Every key a ``--<method>`` spec accepts -> the config field it sets."""
+    fields = [f.name for f in dataclasses.fields(method.config_cls) if f.init]
+    keys = {name: name for name in fields}
+    keys.update({k: v for k, v in _GENERIC_ALIASES.items() if v in keys})
+    keys.update({k: v for k, v in method.spec_aliases.items() if v in keys})
+    return keys
+
+
+def _field_types(config_cls) -> dict[str, list]:
+    """Each field's annotation as the list of its union's members, ``None`` left out (``list[str] | str | None``
+    -> ``[list[str], str]``)."""
+    hints = typing.get_type_hints(config_cls)
+    out = {}
+    for f in dataclasses.fields(config_cls):
+        tp = hints.get(f.name, str)
+        parts = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        out[f.name] = [t for t in parts if t is not type(None)]
+    return out
+
+
+def _container(parts: list, kind: type):
+    """The ``list[...]`` (or ``dict[...]``) member of a field's annotation, or None."""
+    return next((t for t in parts if t is kind or typing.get_origin(t) is kind), None)
+
+
+def _scalar(raw: str, parts: list, what: str):
+    """``raw`` as the first of the annotation's scalar types it reads as: bool words, int, float, then str."""
     low = raw.lower()
-    try:
-        if isinstance(default, bool) or field.name.startswith("init_"):
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            if field.name == "init_lora_weights" and low == "gaussian":
-                return "gaussian"
-            raise ValueError
-        if field.name == "lora_alpha":
-            v = float(raw)
-            return int(v) if v.is_integer() else v
-        if isinstance(default, int):
+    if bool in parts and low in _TRUE + _FALSE:
+        return low in _TRUE
+    if int in parts:
+        try:
             return int(raw)
-        if isinstance(default, float):
-            return float(raw)
-    except ValueError:
-        raise CliError(f"{flag}: {field.name}={raw!r} is not a valid value") from None
-    return raw
+        except ValueError:
+            pass
+    if float in parts:
+        try:
+            value = float(raw)
+        except ValueError:
+            pass
+        else:
+            if not math.isfinite(value):
+                raise CliError(f"{what}={raw!r} is not a finite number")
+            # 16 stays an int (as PEFT writes lora_alpha); 0.5 is a float.
+            return int(value) if value.is_integer() and "." not in raw and "e" not in low else value
+    if str in parts or not parts or any(t is typing.Any for t in parts):
+        return raw
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in parts)
+    raise CliError(f"{what}={raw!r} is not a valid value (expected {names})")
 
 
-def parse_adapter_spec(spec: str, method: str):
-    """Parse ``--lora r=8,target=q_proj,v_proj`` (or ``--ia3 target=k_proj,v_proj,ff=down_proj``) to a config.
+def _set(values: dict[str, Any], name: str, raw: str, parts: list, what: str) -> bool:
+    """Store one ``key=value``; returns whether a following bare word extends it (a list or dict value)."""
+    listed, mapping = _container(parts, list), _container(parts, dict)
+    if listed is not None:
+        if str in parts and (raw.lower() in ("all-linear", "all_linear") or raw.startswith("re:")):
+            values[name] = raw[3:] if raw.startswith("re:") else "all-linear"  # one string: a selector, no list
+            return False
+        item = (typing.get_args(listed) or (str,))[0]
+        values[name] = [_scalar(raw, [item], what)] if raw else []
+        return True
+    if mapping is not None:
+        values[name] = {}
+        _dict_item(values[name], mapping, raw, what)
+        return True
+    values[name] = _scalar(raw, parts, what)
+    return False
 
-    Pairs are ``key=value``, separated by commas; a bare word continues the list of the key before it
-    (``target=q_proj,v_proj``). Keys are the config's field names (``target_modules``, ``lora_alpha``) or the
-    short forms ``target``, ``exclude``, ``ff``, ``alpha``, ``dropout``, ``rslora``, ``init``.
-    ``target=all-linear`` selects every linear site but the output head; ``target=re:PATTERN`` a regex.
+
+def _dict_item(target: dict, mapping, raw: str, what: str) -> None:
+    key, sep, value = raw.partition(":")
+    if not sep or not key.strip():
+        raise CliError(f"{what}={raw!r} is not a valid value; write {what.split(': ')[-1]}=KEY:VALUE,KEY:VALUE")
+    item = (typing.get_args(mapping) or (str, str))[-1]
+    target[key.strip()] = _scalar(value.strip(), [item], f"{what}[{key.strip()}]")
+
+
+def parse_adapter_spec(spec: str, method_name: str):
+    """Parse a ``--<method>`` SPEC (``r=8,target=q_proj,v_proj``) into that registered method's config.
+
+    Pairs are ``key=value``, separated by commas. Keys are the config's field names, the method's
+    ``spec_aliases`` (LoRA: ``alpha``, ``dropout``, ...), or ``target`` / ``exclude`` (``target_modules`` /
+    ``exclude_modules``). Values are read by the field's annotation: ``int``, ``float`` (finite), ``bool``
+    (``true``/``false``), ``str``; a list field takes the value and every bare word after it
+    (``target=q_proj,v_proj``), or ``all-linear`` / ``re:REGEX``; a dict field takes ``KEY:VALUE`` items
+    (``rank_pattern=q_proj:16,v_proj:4``). The config is validated as the library validates it.
+
+    Raises:
+        CliError: an unknown key, a value of the wrong type, or a config the method refuses.
 
     Example:
+        >>> from fxpeft import LoraConfig, PeftRegistry
         >>> from fxpeft.cli import parse_adapter_spec
-        >>> c = parse_adapter_spec("r=8,alpha=16,target=q_proj,v_proj", "lora")
+        >>> name = PeftRegistry.for_config(LoraConfig()).name
+        >>> c = parse_adapter_spec("r=8,alpha=16,target=q_proj,v_proj", name)
         >>> c.r, c.lora_alpha, c.target_modules
         (8, 16, ['q_proj', 'v_proj'])
     """
     from .registry import PeftRegistry
 
-    cls = PeftRegistry.get(method).config_cls
-    # Dict fields (rank_pattern, alpha_pattern) have no key=value spelling; the Python API takes them.
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.default_factory is not dict}
-    flag = f"--{method}"
+    try:
+        method = PeftRegistry.get(method_name)
+    except FxPeftError as e:
+        raise CliError(str(e)) from None
+    flag, keys, types_of = f"--{method.name}", _spec_keys(method), _field_types(method.config_cls)
     values: dict[str, Any] = {}
-    last: str | None = None
+    extends: str | None = None  # the list/dict field a bare word adds to
     for token in (t.strip() for t in spec.split(",")):
         if not token:
             continue
         if "=" not in token:
-            if last in _LIST_FIELDS:
-                values[last].append(token)
-                continue
-            raise CliError(f"{flag}: {token!r} has no key; write key=value pairs, e.g. {flag} r=8,target=q_proj,v_proj")
-        key, _, raw = token.partition("=")
-        key = key.strip()
-        name = _ALIASES.get(key, key)
-        if key == "init":
-            name = next((f for f in fields if f.startswith("init_")), key)
-        if name not in fields:
-            short = sorted(k for k, v in _ALIASES.items() if (v in fields) or (k == "init"))
-            raise CliError(f"{flag}: unknown key {key!r}; use one of {sorted(fields)} (or {short})")
-        if name in _LIST_FIELDS:
-            raw = raw.strip()
-            if raw.lower() in ("all-linear", "all_linear") or raw.startswith("re:"):
-                values[name] = raw[3:] if raw.startswith("re:") else "all-linear"
-                last = None
-                continue
-            values[name] = [raw] if raw else []
-        else:
-            values[name] = _parse_value(fields[name], raw.strip(), flag)
-        last = name
-    return cls(**values)
+            if extends is None:
+                raise CliError(f"{flag}: {token!r} has no key; write key=value pairs, e.g. {flag} target=a,b")
+            if isinstance(values[extends], dict):
+                _dict_item(values[extends], _container(types_of[extends], dict), token, f"{flag}: {extends}")
+            else:
+                item = (typing.get_args(_container(types_of[extends], list)) or (str,))[0]
+                values[extends].append(_scalar(token, [item], f"{flag}: {extends}"))
+            continue
+        key, _, raw = (x.strip() for x in token.partition("="))
+        if key not in keys:
+            short = sorted(k for k in keys if k != keys[k])
+            raise CliError(f"{flag}: unknown key {key!r}; use one of {sorted(set(keys.values()))} (or {short})")
+        name = keys[key]
+        extends = name if _set(values, name, raw, types_of[name], f"{flag}: {key}") else None
+    try:
+        config = method.config_cls(**values)
+        method.validate_config(config)
+    except (FxPeftError, TypeError, ValueError) as e:
+        raise CliError(f"{flag}: {e}") from None
+    return config
+
+
+def _spec_help(method) -> str:
+    """``--<method>``'s help, from the method's display name and its config's fields."""
+    keys = _spec_keys(method)
+    fields = [f for f in dict.fromkeys(keys.values())]
+    short = ", ".join(f"{k}={v}" for k, v in keys.items() if k != v)
+    return (f"apply {method.display_name} first (repeatable; adapters stack in command-line order). SPEC: "
+            f"key=value pairs, keys {', '.join(fields)}" + (f"; short keys {short}" if short else ""))
+
+
+class _AdapterAction(argparse.Action):
+    """Records ``--<method> SPEC`` as ``(method, SPEC)`` in one list, so adapters stack in the order written."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, list(getattr(namespace, self.dest, None) or []) + [(self.const, values)])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -290,7 +395,7 @@ def parse_adapter_spec(spec: str, method: str):
 
 def _inspect(args: argparse.Namespace) -> int:
     import fxpeft
-    from fxpeft.passes.inject import output_heads
+    from fxpeft.targeting import output_heads
 
     gm, how = _trace(args.model, args.fx)
     sites = fxpeft.find_sites(gm)
@@ -317,7 +422,10 @@ def _inspect(args: argparse.Namespace) -> int:
     body = sorted((k for k, v in leaves.items() if not any(s.name in heads for s in v)),
                   key=lambda k: -len(leaves[k]))
     if body:
-        print(f"e.g. fxpeft draw {args.model} --out graph.svg --lora r=8,target={','.join(body[:2])}")
+        from .registry import PeftRegistry
+
+        print("e.g. " + "\n     ".join(f"fxpeft draw {args.model} --out graph.svg --{name} target={','.join(body[:2])}"
+                                       for name in PeftRegistry.names()))
     return 0
 
 
@@ -338,32 +446,51 @@ def _parse_depth(text: str) -> int | None:
 def _draw(args: argparse.Namespace) -> int:
     import fxpeft
 
-    configs = [(m, parse_adapter_spec(s, m)) for m, specs in (("lora", args.lora), ("ia3", args.ia3)) for s in specs or ()]
+    from .registry import PeftRegistry
+
+    configs = [(m, parse_adapter_spec(s, m)) for m, s in args.adapters]
     if (args.merge or args.diff) and not configs:
-        raise CliError("--merge and --diff need a pass to show: add --lora or --ia3 "
-                       f"(e.g. fxpeft draw {args.model} --out {args.out} --lora r=8 --diff)")
+        flags = " or ".join(f"--{n}" for n in PeftRegistry.names())
+        raise CliError(f"--merge and --diff need a pass to show: add {flags} "
+                       f"(e.g. fxpeft draw {args.model} --out {args.out} --{PeftRegistry.names()[0]} target=... --diff)")
     out = Path(args.out)
     if out.suffix.lower() not in (".svg", ".png", ".pdf", ".dot", ".gv"):
         raise CliError(f"--out {args.out!r}: the extension picks the format; use .svg, .png, .pdf or .dot")
+    _check_writable(out)  # before tracing, which can take minutes
     gm, how = _trace(args.model, args.fx)
     # Snapshots, not the graph: every pass changes gm in place.
     before = fxpeft.to_networkx(gm) if args.diff and not args.merge else None
     for i, (method, config) in enumerate(configs):
-        extra = {"fuse": False} if args.no_fuse and method == "lora" else {}
         name = "default" if len(configs) == 1 else f"{method}{i}"
-        gm = fxpeft.rewrite(gm, config, adapter_name=name, **extra)
+        gm = fxpeft.rewrite(gm, config, adapter_name=name, fuse=not args.no_fuse)
     if args.merge:
         if args.diff:
             before = fxpeft.to_networkx(gm)
         gm = fxpeft.merge(gm)
     t = time.perf_counter()
-    path = fxpeft.draw(gm, out, depth=args.depth, before=before, fold_repeats=not args.no_fold,
-                       compact=not args.all_nodes, shapes=not args.no_shapes, rankdir=args.rankdir,
-                       max_nodes=args.max_nodes, title=args.title)
+    try:
+        path = fxpeft.draw(gm, out, depth=args.depth, before=before, fold_repeats=not args.no_fold,
+                           compact=not args.all_nodes, shapes=not args.no_shapes, rankdir=args.rankdir,
+                           max_nodes=args.max_nodes, title=args.title)
+    except OSError as e:
+        raise CommandError(f"--out {args.out!r}: cannot write it ({e.strerror or e}); pick a writable path") from e
     took = time.perf_counter() - t
     size = path.stat().st_size
     print(f"wrote {path} ({size / 1e3:.0f} kB, {took:.1f} s) from {args.model} ({how}, {len(gm.graph.nodes)} FX nodes)")
     return 0
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse an ``--out`` whose directory cannot exist or be written (the nearest existing ancestor decides)."""
+    parent = out.parent.absolute()
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if out.is_dir():
+        raise CommandError(f"--out {str(out)!r} is a directory; name a file in it, e.g. {out / 'graph.svg'}")
+    if not parent.is_dir():
+        raise CommandError(f"--out {str(out)!r}: {parent} is not a directory; pick a writable path")
+    if not os.access(parent, os.W_OK):
+        raise CommandError(f"--out {str(out)!r}: {parent} is not writable; pick a writable path")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -373,8 +500,17 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-_MODEL_HELP = ("a factory pkg.module:fn (e.g. fxpeft.zoo:tiny_llama, or fxpeft.zoo:tiny_llama(layers=16)) returning "
-               "a model or (model, args, kwargs), or a local Hugging Face model directory with config.json")
+_MODEL_HELP = ("a Python factory pkg.module:fn (e.g. fxpeft.zoo:tiny_llama, or fxpeft.zoo:tiny_llama(layers=16)) "
+               "returning a model or (model, args, kwargs): fxpeft IMPORTS pkg.module AND RUNS fn, i.e. executes "
+               "that Python code, so only name code you trust; or a local Hugging Face model directory with "
+               "config.json")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line like every other error: ``fxpeft draw: error: ...``, status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -385,9 +521,13 @@ def build_parser() -> argparse.ArgumentParser:
         >>> build_parser().parse_args(["draw", "fxpeft.zoo:cnn", "--out", "g.svg", "--depth", "2"]).depth
         2
     """
-    parser = argparse.ArgumentParser(
-        prog="fxpeft", description="PEFT as compiler surgery on a torch.fx graph.",
+    from .registry import PeftRegistry
+
+    parser = _Parser(
+        prog="fxpeft", description="PEFT as compiler surgery on a torch.fx graph. A MODEL written pkg.module:fn "
+                                   "imports that Python module and runs fn (it executes that code).",
         epilog="Run `fxpeft COMMAND --help` for a command's options.")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     fmt = argparse.RawDescriptionHelpFormatter
@@ -401,10 +541,12 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--kind", choices=("linear", "conv", "embedding"), help="only sites of this kind")
     insp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     insp.add_argument("--fx", action="store_true", help="trace with torch.fx.symbolic_trace even when MODEL gives inputs")
+    _add_debug(insp)
     insp.set_defaults(func=_inspect)
 
+    methods = "/".join(f"--{n}" for n in PeftRegistry.names())
     draw = sub.add_parser(
-        "draw", help="draw a model's graph (optionally after a LoRA/IA3 rewrite) to SVG/PNG/PDF/DOT",
+        "draw", help="draw a model's graph (optionally after adapter rewrites) to SVG/PNG/PDF/DOT",
         formatter_class=fmt,
         description="Trace MODEL, apply the adapters asked for, and draw the graph with Graphviz: module clusters, "
                     "adapter nodes coloured by method, edges labelled with shapes.",
@@ -413,21 +555,23 @@ def build_parser() -> argparse.ArgumentParser:
                "  fxpeft draw fxpeft.zoo:tiny_llama --out diff.svg --lora target=all-linear --diff\n"
                "  fxpeft draw fxpeft.zoo:cnn --out merge.png --lora target=conv1,conv2 --merge --diff\n"
                "  fxpeft draw fxpeft.zoo:tiny_bert --out ia3.svg --ia3 target=key,value,output.dense,ff=output.dense\n\n"
-               "--lora/--ia3 take key=value pairs; a bare word extends the list before it (target=q_proj,v_proj).\n"
-               "keys: the config's fields (r, lora_alpha, lora_dropout, target_modules, exclude_modules, ...) or\n"
-               "target, exclude, alpha, dropout, rslora, init, ff. target=all-linear and target=re:REGEX work too.\n"
+               f"{methods} take key=value pairs; a bare word extends the list before it (target=q_proj,v_proj).\n"
+               "keys: the method's config fields (see each option) or their short forms; target=all-linear and\n"
+               "target=re:REGEX work too. Values are checked as the config's types (int, finite float, bool, ...).\n"
                "Rendering needs Graphviz's `dot` (Debian/Ubuntu: apt-get install graphviz); without it the .dot is written.")
     draw.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
     draw.add_argument("--out", "-o", required=True, help="output file; the extension picks the format (.svg .png .pdf .dot)")
     draw.add_argument("--depth", type=_parse_depth, default=None, metavar="N",
                       help="draw module clusters deeper than N as one box each; 'auto' (default) opens what the "
                            "adapters touch within --max-nodes, 'all' opens everything")
-    draw.add_argument("--lora", action="append", metavar="SPEC", help="apply LoRA first, e.g. r=8,alpha=16,target=q_proj,v_proj")
-    draw.add_argument("--ia3", action="append", metavar="SPEC", help="apply IA3 first, e.g. target=k_proj,v_proj,down_proj,ff=down_proj")
+    for method in PeftRegistry.methods():  # one option per registered method: a new method file adds its own
+        draw.add_argument(f"--{method.name}", action=_AdapterAction, dest="adapters", const=method.name, default=[],
+                          metavar="SPEC", help=_spec_help(method))
     draw.add_argument("--merge", action="store_true", help="merge the adapters after applying them")
     draw.add_argument("--diff", action="store_true",
                       help="mark what the rewrite added (green), or with --merge what the merge removed (red)")
-    draw.add_argument("--no-fuse", action="store_true", help="keep one LoRA chain per site (no sibling fusion)")
+    draw.add_argument("--no-fuse", action="store_true",
+                      help="keep one adapter chain per site (no fusion of sibling sites that read one input)")
     draw.add_argument("--no-fold", action="store_true", help="draw every repeated block instead of one with ×N")
     draw.add_argument("--all-nodes", action="store_true", help="draw every FX node (parameter reads, views, asserts too)")
     draw.add_argument("--no-shapes", action="store_true", help="no shape labels on edges")
@@ -435,6 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     draw.add_argument("--max-nodes", type=int, default=250, help="node budget of the automatic depth (default: %(default)s)")
     draw.add_argument("--title", help="caption (default: graph name, dialect, node count, adapters)")
     draw.add_argument("--fx", action="store_true", help="trace with torch.fx.symbolic_trace even when MODEL gives inputs")
+    _add_debug(draw)
     draw.set_defaults(func=_draw)
 
     demo = sub.add_parser("demo", help="trace a tiny Llama, rewrite, train, merge, export and draw",
@@ -442,40 +587,80 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="fxpeft-demo", help="output directory (default: %(default)s)")
     demo.add_argument("--steps", type=int, default=30, help="training steps (default: %(default)s)")
     demo.add_argument("--no-draw", action="store_true", help="skip drawing the graph")
+    _add_debug(demo)
     demo.set_defaults(func=_demo)
     return parser
+
+
+def _add_debug(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: a subcommand's default must not overwrite `fxpeft --debug draw ...`.
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="print the traceback of an error")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``fxpeft`` command; returns the exit status (0 ok, 1 an fxpeft error, 2 a usage error).
 
-    Errors are one line on stderr, ``fxpeft COMMAND: error: ...``, without a traceback.
+    Errors are one line on stderr, ``fxpeft COMMAND: error: ...``, without a traceback (``--debug`` prints it).
 
     Example:
         >>> from fxpeft.cli import main
         >>> main(["inspect", "fxpeft.zoo:cnn", "--kind", "linear", "--json"])
         [
-         {"name": "fc", "kind": "linear", "module_type": "Linear", "weight_shape": [10, 32], "calls": 1, "fan_in_fan_out": false, "output_head": true}
+         {"name": "fc", "kind": "linear", "module_type": "Linear", "weight_shape": [10, 32], "calls": 1, "fan_in_fan_out": false, "output_head": false}
         ]
         0
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # reported by the command's parser, so the line names the command (`fxpeft draw: error:`)
+            command = _commands(parser).get(getattr(args, "command", None), parser)
+            hint = ""
+            if command.prog.endswith(" draw") and any(x.startswith("--") for x in extra):
+                from .registry import PeftRegistry
+
+                hint = "; adapter options: " + ", ".join(f"--{n}" for n in PeftRegistry.names())
+            command.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+    except SystemExit as e:  # --help exits 0 (let it); a usage error already printed its one line
+        if not e.code:
+            raise
+        return e.code if isinstance(e.code, int) else 2
     if not hasattr(args, "func"):
-        parser.print_help()
+        print(f"fxpeft: error: name a COMMAND ({', '.join(sorted(_commands(parser)))}); see `fxpeft --help`",
+              file=sys.stderr)
         return 2
     try:
         return args.func(args)
-    except FxPeftError as e:
-        # A user's mistake or a model fxpeft cannot handle: one line that names the fix, no traceback.
-        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        print(f"fxpeft {args.command}: error: {message}", file=sys.stderr)
-        return 2 if isinstance(e, CliError) else 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `fxpeft inspect MODEL | head`: the reader left; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as e:  # noqa: BLE001 - every error ends as one line; --debug adds the traceback
+        return _report(args.command, e, getattr(args, "debug", False))
+
+
+def _commands(parser: argparse.ArgumentParser) -> list[str]:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def _report(command: str, e: Exception, debug: bool) -> int:
+    """Print ``e`` as one line ``fxpeft COMMAND: error: ...`` (after its traceback with ``--debug``); return the status.
+
+    A command-line mistake (:class:`CliError`) is status 2; anything else 1. An fxpeft error's message names
+    the fix; a file-system error says what it could not do; anything else is a bug or the user's code failing.
+    """
+    if debug:
+        traceback.print_exc()
+    if isinstance(e, FxPeftError):
+        message = str(e)
+    elif isinstance(e, OSError):
+        message = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+    else:
+        message = f"unexpected {_describe(e)}" + ("" if debug else " (run again with --debug for the traceback)")
+    message = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    print(f"fxpeft {command}: error: {message}", file=sys.stderr)
+    return 2 if isinstance(e, CliError) else 1
 
 
 if __name__ == "__main__":

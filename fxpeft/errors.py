@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pickle
+
 __all__ = [
     "FxPeftError",
     "TraceError",
     "InputShapeError",
+    "SerializationError",
     "ConfigError",
     "TargetError",
     "UnsupportedSiteError",
@@ -27,6 +30,10 @@ class TraceError(FxPeftError):
 
 class InputShapeError(FxPeftError, ValueError):
     """A traced graph was called with an input shape it was not traced for (the message names the dim and why)."""
+
+
+class SerializationError(FxPeftError, pickle.PickleError):
+    """An fxpeft graph could not be pickled or unpickled; the message says what to use instead."""
 
 
 class ConfigError(FxPeftError, ValueError):

@@ -360,7 +360,7 @@ _PEFT_COMMON = frozenset({"peft_type", "task_type", "base_model_name_or_path", "
 
 
 class PeftRegistry:
-    """Maps method names (``"lora"``) to :class:`Method` classes.
+    """Maps method names to :class:`Method` classes (each method file registers itself on import).
 
     Example:
         >>> from fxpeft import PeftRegistry, LoraConfig

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from .errors import FxPeftError, InputShapeError
+from .errors import InputShapeError, SerializationError
 
 __all__ = ["SerializationError", "FxPeftGraphModule", "make_picklable"]
 
@@ -57,10 +57,6 @@ _FORMAT = 1
 _DROP_META = frozenset({"val", "example_value", "tensor_meta", "unbacked_bindings"})
 _ADVICE = ("To keep the adapter, use fxpeft.save_adapter(gm, directory) and fxpeft.load_adapter on a fresh "
            "fxpeft.trace of the model; for a deployable file, fxpeft.export(gm, path, args).")
-
-
-class SerializationError(FxPeftError, pickle.PickleError):
-    """An fxpeft graph could not be pickled or unpickled; the message says what to use instead."""
 
 
 # ---------------------------------------------------------------------------------------------- operators

@@ -123,9 +123,14 @@ def _char_source(op: Any, av: Any, field: str, shown: str) -> str:
     return "[" + "".join(parts) + "]"
 
 
+def _quote(shown: str) -> str:
+    """The pattern for an error message: quoted in full unless it is very long."""
+    return repr(shown) if len(shown) <= 200 else repr(shown[:200]) + "..."
+
+
 def _refuse(field: str, shown: str, construct: str) -> ConfigError:
     return ConfigError(
-        f"{field}: the regex {shown!r} uses {construct}, which cannot be matched in linear time, so fxpeft "
+        f"{field}: the regex {_quote(shown)} uses {construct}, which cannot be matched in linear time, so fxpeft "
         "refuses it (a crafted pattern could hang the loader). Rewrite the pattern without it, or list the "
         "module names explicitly."
     )
@@ -215,7 +220,7 @@ class _NFABuilder:
         self._work += 1
         if self._work > MAX_NFA_STATES:
             raise ConfigError(
-                f"{self.field}: the regex {self.shown!r} is too large to match safely (its automaton would "
+                f"{self.field}: the regex {_quote(self.shown)} is too large to match safely (its automaton would "
                 f"exceed {MAX_NFA_STATES} states; big {{m,n}} repeat counts are the usual cause). Use smaller "
                 "repeat counts, or list the module names explicitly."
             )
@@ -415,8 +420,6 @@ def _group_depth(pattern: str) -> int:
 
 def _parse(pattern: str, field: str, shown: str) -> Any:
     """``re``'s own parse tree of ``pattern``; every way it can fail becomes a ConfigError."""
-    if not isinstance(pattern, str):
-        raise ConfigError(f"{field}: a regex must be a string, not {type(pattern).__name__} ({pattern!r})")
     if len(shown) > MAX_PATTERN_CHARS:
         raise ConfigError(
             f"{field}: the regex ({len(shown)} characters, starting {shown[:60]!r}) is longer than "
@@ -424,14 +427,14 @@ def _parse(pattern: str, field: str, shown: str) -> Any:
         )
     if _group_depth(pattern) > MAX_GROUP_DEPTH:
         raise ConfigError(
-            f"{field}: the regex {shown[:200]!r} nests parentheses more than {MAX_GROUP_DEPTH} deep; "
+            f"{field}: the regex {_quote(shown)} nests parentheses more than {MAX_GROUP_DEPTH} deep; "
             "flatten the pattern."
         )
     try:
         return _sre_parse.parse(pattern)
     except (re.error, OverflowError, RecursionError) as exc:
         raise ConfigError(
-            f"{field}: {shown!r} is not a valid Python regex ({exc}); fix the pattern (PEFT applies it with "
+            f"{field}: {_quote(shown)} is not a valid Python regex ({exc}); fix the pattern (PEFT applies it with "
             "Python's re module) or list the module names instead."
         ) from None
 
@@ -444,7 +447,7 @@ def _compile(source: str, field: str, shown: str) -> Pattern:
     try:
         start = builder.seq(tree, tree.state.flags, match)
     except RecursionError:
-        raise ConfigError(f"{field}: the regex {shown[:200]!r} nests too deeply; flatten the pattern.") from None
+        raise ConfigError(f"{field}: the regex {_quote(shown)} nests too deeply; flatten the pattern.") from None
     return Pattern(shown, field, builder, start)
 
 
@@ -477,6 +480,8 @@ def compile_pattern(pattern: str, *, field: str) -> Pattern:
         ...
         fxpeft.errors.ConfigError: target_modules: the regex '^(?!.*lm_head).*' uses a negative lookahead ...
     """
+    if not isinstance(pattern, str):  # checked before the cache, which needs a hashable key
+        raise ConfigError(f"{field}: a regex must be a string, not {type(pattern).__name__} ({pattern!r:.200})")
     return _compile(pattern, field, pattern)
 
 
@@ -529,7 +534,7 @@ def pattern_key_match(key: str, text: str, *, field: str) -> bool:
         False
     """
     if not isinstance(key, str):
-        raise ConfigError(f"{field}: a pattern key must be a string, not {type(key).__name__} ({key!r})")
+        raise ConfigError(f"{field}: a pattern key must be a string, not {type(key).__name__} ({key!r:.200})")
     return _compile(rf"(.*\.)?({key})$", field, key).match(text)
 
 

@@ -36,7 +36,7 @@ from .errors import DrawError, FxPeftError, GraphvizNotFoundError
 from .graph import to_networkx
 from .registry import PeftRegistry
 
-__all__ = ["draw", "to_dot"]
+__all__ = ["draw", "to_dot", "GraphvizPackageNotFoundError"]
 
 _SPARE_COLORS = [("#d0bfff", "#6741d9"), ("#a5d8ff", "#1971c2"), ("#fcc2d7", "#c2255c"), ("#ffec99", "#e67700")]
 _ADDED, _REMOVED = "#2f9e44", "#e03131"
@@ -529,19 +529,19 @@ def _e(s: Any) -> str:
 _CLUSTER_FILLS = ["#f8f9fa", "#f1f3f5", "#e9ecef", "#f8f9fa", "#f1f3f5", "#e9ecef"]
 
 
-class _Dot:
-    """Writes the scene as DOT text (faster and more predictable than a DOT builder for a few thousand lines)."""
+class _View:
+    """What every part of the drawing shares: the scene, where the depth cut falls, the methods drawn.
 
-    def __init__(self, scene: _Scene, depth: int, focus: set[int] | None, rankdir: str, shapes: bool | str,
-                 title: str | None) -> None:
+    Built once per drawing; the parts below (:class:`_NodeLabels`, :class:`_ModuleBoxes`, :class:`_Edges`,
+    :func:`_legend`, :func:`_caption`) only read it.
+    """
+
+    def __init__(self, scene: _Scene, depth: int, focus: set[int] | None, shapes: bool | str) -> None:
         self.s, self.depth, self.focus, self.shapes = scene, depth, focus, shapes
         g = scene.g
         self.methods = sorted({d["adapter"]["method"] for _, d in g.nodes(data=True) if d["adapter"]})
         self.diff = any(d.get("diff") for _, d in g.nodes(data=True))
         self.adapter_names = {d["adapter"]["adapter"] for _, d in g.nodes(data=True) if d["adapter"]}
-        self.lines: list[str] = []
-        self.title = title
-        self.rankdir = rankdir
         # Map every drawn node to what stands for it: itself, or the box of the collapsed cluster holding it.
         self.box_of: dict[str, _Cluster] = {}
         for n in scene.drawn:
@@ -549,10 +549,12 @@ class _Dot:
             if cut is not None:
                 self.box_of[n] = cut
 
-    # ---- helpers ----
     def node_id(self, n: str) -> str:
         box = self.box_of.get(n)
         return f"box:{box.path}" if box is not None else n
+
+    def colors(self, method: str) -> tuple[str, str]:
+        return _method_colors(method, self.methods)
 
     def adapters_in(self, c: _Cluster, removed: bool = False) -> Counter:
         """Adapters (one per adapter module) in ``c``'s subtree, per method.
@@ -578,6 +580,7 @@ class _Dot:
         return counts
 
     def run_label(self, c: _Cluster) -> str:
+        """A cluster's name relative to its parent; a folded run's says which blocks (``layers.0…15``)."""
         if not c.run:
             return c.relpath()
         m = _INDEXED.match(c.relpath())
@@ -586,56 +589,97 @@ class _Dot:
             return (f"{m.group(1)}." if m.group(1) else "") + f"{first.group(2)}…{last.group(2)}"
         return c.relpath()
 
-    # ---- nodes ----
-    def node_line(self, n: str, alone_in: _Cluster | None) -> str:
-        d = self.s.g.nodes[n]
-        diff = d.get("diff")
+
+class _NodeLabels:
+    """Draws one FX node as a box: colours by what it is (graph input/output, adapter node in its method's
+    colours, site, plain op), a bold title, grey sub-lines, the diff mark, and a tooltip with the details."""
+
+    def __init__(self, view: _View) -> None:
+        self.v = view
+
+    def line(self, n: str, alone_in: _Cluster | None = None) -> str:
+        """The node's DOT line; ``alone_in`` is the one-node cluster it is drawn instead of (named in the title)."""
+        d = self.v.s.g.nodes[n]
         tag = d["adapter"]
         attrs: dict[str, Any] = {"shape": "box", "style": "rounded,filled", "fillcolor": "white", "color": "#868e96"}
-        title = d["opname"]
-        sub: list[str] = []
-        if d["op"] == "placeholder":
-            attrs.update(fillcolor="#d0ebff", color="#1971c2", style="filled")
-            if d["shape"] is not None:
-                sub.append(self.s.fmt(d["shape"]) + (f" {d['dtype']}" if d["dtype"] != self.s.dtype else ""))
-        elif d["op"] == "output":
-            attrs.update(fillcolor="#d0ebff", color="#1971c2", style="filled")
-        elif tag is not None:
-            fill, border = _method_colors(tag["method"], self.methods)
-            attrs.update(fillcolor=fill, color=border)
-            title = _role_title(tag)
-            fused = tag.get("fused") or ()
-            if tag["role"] == "out":
-                sub.append(tag["site"].rsplit(".", 1)[-1])
-            elif len(fused) > 1:
-                sub.append("fused " + ", ".join(site.rsplit(".", 1)[-1] for site in tag.get("fused_sites", fused)))
-            if len(self.adapter_names) > 1:
-                sub.append(f"adapter {tag['adapter']}")
-            shapes = self.s.params.get(n)
-            if shapes:
-                sub.append(" + ".join(self.s.fmt(p) for p in shapes[:3]) + (" + …" if len(shapes) > 3 else ""))
-        elif d["site"]:
-            attrs.update(fillcolor="#e9ecef", color="#343a40", penwidth="1.5")
-            leaf = d["site"].rsplit(".", 1)[-1]
-            title = f"{leaf}: {d['opname']}" if alone_in is not None or not self.inside_own_cluster(n) else d["opname"]
-            shapes = self.s.params.get(n)
-            if shapes:
-                # The weight: the first matrix (or kernel) the call reads; a bias comes after it or is 1-D.
-                sub.append("W " + self.s.fmt(next((p for p in shapes if len(p) >= 2), shapes[0])))
-        elif d.get("group"):
-            ops = d["target"].split(", ")
-            title = f"{len(d['group'])} ops on sizes"
-            sub.append(", ".join(ops[:3]) + (", …" if len(ops) > 3 else ""))
-        elif alone_in is not None:
-            title = f"{alone_in.relpath()}: {d['opname']}"
-        if diff == "added":
-            attrs.update(color=_ADDED, penwidth="2.5")
-            title = "+ " + title if not title.startswith("+") else title
-        elif diff == "removed":
-            attrs.update(color=_REMOVED, penwidth="2", style=attrs["style"] + ",dashed", fontcolor="#868e96")
-            title = "− " + title
+        title, sub = self._look(n, alone_in, attrs)
+        title = self._mark_diff(d.get("diff"), title, attrs)
         label = f"<b>{_e(title)}</b>" + "".join(f'<br/><font point-size="8" color="#495057">{_e(x)}</font>'
                                                   for x in sub)
+        attrs.update(label=_Html(label), tooltip=self._tooltip(n))
+        if tag is not None:
+            attrs["class"] = f"adapter {tag['method']}"  # lets SVG viewers style or hide one method
+        return f"{_q(n)} {_attrs(**attrs)}"
+
+    def _look(self, n: str, alone_in: _Cluster | None, attrs: dict[str, Any]) -> tuple[str, list[str]]:
+        """Title and sub-lines by what the node is; sets its colours in ``attrs``."""
+        d = self.v.s.g.nodes[n]
+        if d["op"] in ("placeholder", "output"):
+            attrs.update(fillcolor="#d0ebff", color="#1971c2", style="filled")
+            sub = []
+            if d["op"] == "placeholder" and d["shape"] is not None:  # what the graph is fed
+                sub.append(self.v.s.fmt(d["shape"]) + (f" {d['dtype']}" if d["dtype"] != self.v.s.dtype else ""))
+            return d["opname"], sub
+        if d["adapter"] is not None:
+            return self._adapter_look(n, d["adapter"], attrs)
+        if d["site"]:
+            return self._site_look(n, alone_in, attrs)
+        if d.get("group"):  # a clump of size-only ops (masks, position ids) drawn as one node
+            ops = d["target"].split(", ")
+            return f"{len(d['group'])} ops on sizes", [", ".join(ops[:3]) + (", …" if len(ops) > 3 else "")]
+        if alone_in is not None:
+            return f"{alone_in.relpath()}: {d['opname']}", []
+        return d["opname"], []
+
+    def _adapter_look(self, n: str, tag: dict, attrs: dict[str, Any]) -> tuple[str, list[str]]:
+        """An adapter node: its role in the method's words (``LoRA A``), and which site(s) it serves."""
+        fill, border = self.v.colors(tag["method"])
+        attrs.update(fillcolor=fill, color=border)
+        sub: list[str] = []
+        fused = tag.get("fused") or ()
+        if tag["role"] == "out":  # the node that joins the base: say which site it adapts
+            sub.append(tag["site"].rsplit(".", 1)[-1])
+        elif len(fused) > 1:  # shared by sibling sites (q/k/v): name them all
+            sub.append("fused " + ", ".join(site.rsplit(".", 1)[-1] for site in tag.get("fused_sites", fused)))
+        if len(self.v.adapter_names) > 1:
+            sub.append(f"adapter {tag['adapter']}")
+        shapes = self.v.s.params.get(n)
+        if shapes:
+            sub.append(" + ".join(self.v.s.fmt(p) for p in shapes[:3]) + (" + …" if len(shapes) > 3 else ""))
+        return _role_title(tag), sub
+
+    def _site_look(self, n: str, alone_in: _Cluster | None, attrs: dict[str, Any]) -> tuple[str, list[str]]:
+        """A site (a call that applies a base weight): grey and bold, with its weight's shape."""
+        d = self.v.s.g.nodes[n]
+        attrs.update(fillcolor="#e9ecef", color="#343a40", penwidth="1.5")
+        leaf = d["site"].rsplit(".", 1)[-1]
+        # Inside its own cluster the frame already names the site; elsewhere the title must.
+        title = f"{leaf}: {d['opname']}" if alone_in is not None or not self._inside_own_cluster(n) else d["opname"]
+        shapes = self.v.s.params.get(n)
+        if not shapes:
+            return title, []
+        # The weight: the first matrix (or kernel) the call reads; a bias comes after it or is 1-D.
+        return title, ["W " + self.v.s.fmt(next((p for p in shapes if len(p) >= 2), shapes[0]))]
+
+    def _inside_own_cluster(self, n: str) -> bool:
+        c = self.v.s.cluster_of[n]
+        return bool(c.path) and c.path == self.v.s.g.nodes[n]["site"]
+
+    @staticmethod
+    def _mark_diff(diff: str | None, title: str, attrs: dict[str, Any]) -> str:
+        """Green border and ``+`` for what the pass added; red, dashed and ``−`` for what it removed."""
+        if diff == "added":
+            attrs.update(color=_ADDED, penwidth="2.5")
+            return "+ " + title if not title.startswith("+") else title
+        if diff == "removed":
+            attrs.update(color=_REMOVED, penwidth="2", style=attrs["style"] + ",dashed", fontcolor="#868e96")
+            return "− " + title
+        return title
+
+    def _tooltip(self, n: str) -> str:
+        """Everything the label leaves out: FX op and target, module, site, adapter, value, diff."""
+        d = self.v.s.g.nodes[n]
+        tag = d["adapter"]
         tip = [f"{d['op']} {n}", f"target: {d['target']}"]
         if d["module"]:
             tip.append(f"module: {d['module']} ({d['module_class']})")
@@ -645,25 +689,60 @@ class _Dot:
             tip.append(f"adapter: {tag['adapter']} ({tag['method']}) on {tag['site']}, role {tag['role']}")
         if d["shape"] is not None:
             tip.append(f"value: {'×'.join(map(str, d['shape']))} {d['dtype']}")
-        if diff:
-            tip.append(f"diff: {diff}")
-        attrs.update(label=_Html(label), tooltip="\n".join(tip))
-        if tag is not None:
-            attrs["class"] = f"adapter {tag['method']}"
-        return f"{_q(n)} {_attrs(**attrs)}"
+        if d.get("diff"):
+            tip.append(f"diff: {d['diff']}")
+        return "\n".join(tip)
 
-    def inside_own_cluster(self, n: str) -> bool:
-        c = self.s.cluster_of[n]
-        return bool(c.path) and c.path == self.s.g.nodes[n]["site"]
 
-    def box_line(self, c: _Cluster) -> str:
+class _ModuleBoxes:
+    """Draws the module tree: each module either as an open cluster (a labelled frame around its nodes,
+    bordered in the colour of the adapters inside) or, past the depth cut, as one box summarising it."""
+
+    def __init__(self, view: _View, nodes: _NodeLabels) -> None:
+        self.v, self.nodes = view, nodes
+
+    def lines(self, c: _Cluster, indent: str) -> list[str]:
+        """DOT lines for ``c``'s own nodes and, recursively, its children."""
+        out = [indent + self.nodes.line(n) for n in c.nodes]
+        for k in c.children.values():
+            if not k.children and len(k.nodes) == 1 and not self.v.adapters_in(k, removed=True) and not k.run:
+                # A cluster around one node is noise: draw the node, named after its module.
+                out.append(indent + self.nodes.line(k.nodes[0], k))
+            elif _cut(k, self.v.depth, self.v.focus) is k:
+                out.append(indent + self.box(k))
+            else:
+                out.append(f"{indent}subgraph {_q('cluster_' + k.path)} {{")
+                out.extend(f"{indent}  {a}=<{v.text}>;" if isinstance(v, _Html) else f"{indent}  {a}={_q(v)};"
+                           for a, v in self._frame(k).items())
+                out.extend(self.lines(k, indent + "  "))
+                out.append(f"{indent}}}")
+        return out
+
+    def _frame(self, k: _Cluster) -> dict[str, Any]:
+        """An open cluster's attributes: path and class, ``×N`` for a folded run, border by the adapters inside."""
+        methods = self.v.adapters_in(k, removed=True)
+        border = self.v.colors(sorted(methods)[0])[1] if methods else "#adb5bd"
+        label = f"<b>{_e(self.v.run_label(k))}</b>"
+        if k.run:
+            label += f' <font color="#c92a2a"><b>×{len(k.run)}</b></font>'
+        label += f' <font color="#495057">{_e(k.cls)}</font>'
+        if k.run:
+            label += f'<br/><font point-size="8" color="#c92a2a">{len(k.run)} identical blocks, drawn once</font>'
+        fill = _CLUSTER_FILLS[min(k.depth, len(_CLUSTER_FILLS) - 1)]
+        return dict(label=_Html(label), style="rounded,filled" + (",bold" if k.run or methods else ""),
+                    fillcolor=fill, color=border, tooltip=f"{k.path} ({k.cls})", labeljust="l",
+                    penwidth="2.5" if k.run else ("1.5" if methods else "1"))
+
+    def box(self, c: _Cluster) -> str:
+        """A collapsed module as one box: name, class, op count, its adapters per method, and the diff counts
+        (so collapsing never hides that the surgery touched it)."""
         nodes = c.all_nodes()
-        g = self.s.g
-        rows = [f"<b>{_e(self.run_label(c))}</b>" + (f' <font color="#c92a2a"><b>×{len(c.run)}</b></font>' if c.run else ""),
+        g = self.v.s.g
+        rows = [f"<b>{_e(self.v.run_label(c))}</b>" + (f' <font color="#c92a2a"><b>×{len(c.run)}</b></font>' if c.run else ""),
                 f'<font point-size="8" color="#495057">{_e(c.cls)} · {len(nodes)} ops</font>']
         border = "#495057"
-        for method, count in sorted(self.adapters_in(c).items()):
-            edge = border = _method_colors(method, self.methods)[1]
+        for method, count in sorted(self.v.adapters_in(c).items()):
+            edge = border = self.v.colors(method)[1]
             each = " each" if c.run else ""
             rows.append(f'<font point-size="9" color="{edge}"><b>{_method_name(method)} ×{count}{each}</b></font>')
         added = sum(1 for n in nodes if g.nodes[n].get("diff") == "added")
@@ -673,127 +752,132 @@ class _Dot:
             rows.append(f'<font point-size="8"><font color="{_ADDED}">+{added}</font> '
                         f'<font color="{_REMOVED}">−{removed}</font> nodes</font>')
             color = _ADDED if added and not removed else _REMOVED if removed and not added else border
-        label = "<br/>".join(rows)
         tip = f"{c.path} ({c.cls}), collapsed: {len(nodes)} drawn ops" + (
             f"; stands for {len(c.run)} identical blocks {c.run[0]} … {c.run[-1]}" if c.run else "")
         fill = _CLUSTER_FILLS[min(c.depth, len(_CLUSTER_FILLS) - 1)]
-        attrs = dict(shape="box", style="filled,bold", fillcolor=fill, color=color, label=_Html(label), tooltip=tip,
-                     peripheries="2" if c.run else None)
+        attrs = dict(shape="box", style="filled,bold", fillcolor=fill, color=color, label=_Html("<br/>".join(rows)),
+                     tooltip=tip, peripheries="2" if c.run else None)
         return f"{_q('box:' + c.path)} {_attrs(**attrs)}"
 
-    # ---- clusters ----
-    def emit_cluster(self, c: _Cluster, indent: str) -> None:
-        out = self.lines
-        kids = list(c.children.values())
-        for n in c.nodes:
-            out.append(indent + self.node_line(n, None))
-        for k in kids:
-            if not k.children and len(k.nodes) == 1 and not self.adapters_in(k, removed=True) and not k.run:
-                # A cluster around one node is noise: draw the node, named after its module.
-                out.append(indent + self.node_line(k.nodes[0], k))
-            elif _cut(k, self.depth, self.focus) is k:
-                out.append(indent + self.box_line(k))
-            else:
-                methods = self.adapters_in(k, removed=True)
-                border = _method_colors(sorted(methods)[0], self.methods)[1] if methods else "#adb5bd"
-                label = f"<b>{_e(self.run_label(k))}</b>"
-                if k.run:
-                    label += f' <font color="#c92a2a"><b>×{len(k.run)}</b></font>'
-                label += f' <font color="#495057">{_e(k.cls)}</font>'
-                if k.run:
-                    label += f'<br/><font point-size="8" color="#c92a2a">{len(k.run)} identical blocks, drawn once</font>'
-                fill = _CLUSTER_FILLS[min(k.depth, len(_CLUSTER_FILLS) - 1)]
-                attrs = dict(label=_Html(label), style="rounded,filled" + (",bold" if k.run or methods else ""),
-                             fillcolor=fill, color=border, tooltip=f"{k.path} ({k.cls})", labeljust="l",
-                             penwidth="2.5" if k.run else ("1.5" if methods else "1"))
-                out.append(f"{indent}subgraph {_q('cluster_' + k.path)} {{")
-                out.extend(f"{indent}  {a}=<{v.text}>;" if isinstance(v, _Html) else f"{indent}  {a}={_q(v)};"
-                           for a, v in attrs.items())
-                self.emit_cluster(k, indent + "  ")
-                out.append(f"{indent}}}")
 
-    def legend(self) -> str:
-        rows = []
-        for m in self.methods:
-            fill = _method_colors(m, self.methods)[0]
-            rows.append(f'<tr><td bgcolor="{fill}" width="14"> </td><td align="left">{_e(_method_name(m))} adapter node</td></tr>')
-        rows.append('<tr><td bgcolor="#e9ecef" width="14"> </td><td align="left">site (applies a base weight W)</td></tr>')
-        if self.diff:
-            rows.append(f'<tr><td border="2" color="{_ADDED}" width="14"> </td><td align="left"><font color="{_ADDED}">+ added</font> by the pass</td></tr>')
-            rows.append(f'<tr><td border="2" color="{_REMOVED}" style="dashed" width="14"> </td><td align="left"><font color="{_REMOVED}">− removed</font> by the pass</td></tr>')
-        if any(c.run for c in self.s.root.walk()):
-            rows.append('<tr><td><font color="#c92a2a"><b>×N</b></font></td><td align="left">N identical blocks, drawn once</td></tr>')
-        note = "edges: value shape" + (f" ({self.s.dtype} unless marked)" if self.s.dtype else "")
-        rows.append(f'<tr><td colspan="2" align="left"><font point-size="8">{_e(note)}</font></td></tr>')
-        dims = [f"{k} = {v}" for k, v in (self.s.g.graph.get("dims") or {}).items() if not k.isdigit()][:4]
-        dims += [f"{v} = {k}" for k, v in self.s.fmt.aliases.items()][:6]
-        for txt in dims:
-            rows.append(f'<tr><td colspan="2" align="left"><font point-size="8">{_e(txt)}</font></td></tr>')
-        table = '<table border="0" cellborder="1" cellspacing="2" cellpadding="3" bgcolor="white">' + \
-            '<tr><td colspan="2"><b>legend</b></td></tr>' + "".join(rows) + "</table>"
-        return f'"legend" [shape=plaintext margin=0 label=<{table}>]'
+class _Edges:
+    """Draws the data flow between what is drawn (a node, or the box standing for its module).
 
-    def render(self) -> str:
-        s = self.s
-        g = s.g
-        head = self.title
-        if head is None:
-            tags = [d["adapter"] for _, d in g.nodes(data=True) if d["adapter"] and d.get("diff") != "removed"]
-            parts = []
-            for m in sorted({t["method"] for t in tags}):
-                sites = len({t["site"] for t in tags if t["method"] == m})
-                count = len({t["module"] for t in tags if t["method"] == m})
-                where = f"{sites} site{'s' * (sites != 1)}"
-                parts.append(f"{_method_name(m)} on {where}" if count == sites else
-                             f"{count} {_method_name(m)} adapters on {where}")
-            what = ", ".join(parts) or "no adapters"
-            head = (f"{g.graph.get('name', 'graph')} · {g.graph.get('dialect', '')} graph · "
-                    f"{sum(1 for _, d in g.nodes(data=True) if d.get('diff') != 'removed')} FX nodes · {what}")
-            if self.diff:
-                added = sum(1 for _, d in g.nodes(data=True) if d.get("diff") == "added" and not d.get("group"))
-                removed = sum(1 for _, d in g.nodes(data=True) if d.get("diff") == "removed")
-                head += f" · diff: +{added} / −{removed} FX nodes"
-        self.lines = [
-            "digraph fxpeft {",
-            f"  graph [rankdir={_q(self.rankdir)} fontname=\"Helvetica\" fontsize=\"11\" nodesep=\"0.18\" "
-            f"ranksep=\"0.28\" labelloc=\"t\" label={_q(head)} newrank=\"true\" tooltip={_q(head)}];",
-            '  node [fontname="Helvetica" fontsize="10" height="0.3" margin="0.08,0.03"];',
-            '  edge [fontname="Helvetica" fontsize="8" fontcolor="#868e96" color="#868e96" arrowsize="0.6"];',
-        ]
-        legend_at = len(self.lines)  # filled in last: drawing the nodes may name more dim aliases
-        self.emit_cluster(s.root, "  ")
-        drawn_ids = {self.node_id(n) for n in s.drawn}
-        labels_of: dict[tuple[str, str], set[str]] = defaultdict(set)
-        marks: dict[tuple[str, str], str | None] = {}
-        method_of: dict[tuple[str, str], str] = {}
-        for (a, b), found in s.edges.items():
-            ia, ib = self.node_id(a), self.node_id(b)
-            if ia == ib or ia not in drawn_ids or ib not in drawn_ids:
-                continue
-            crossing = self.box_of.get(a, s.cluster_of[a]) is not self.box_of.get(b, s.cluster_of[b])
-            labels_of[(ia, ib)] |= {lab for lab, telling, _ in found
-                                    if lab and (telling or crossing or self.shapes == "all")}
-            for _, _, mark in found:  # one drawn edge for many: it exists unchanged if any of them does
-                marks[(ia, ib)] = _better(marks[(ia, ib)], mark) if (ia, ib) in marks else mark
-            da, db = g.nodes[a], g.nodes[b]
-            # Data flowing through an adapter takes its colour; the base output into the "out" add does not.
-            if db["adapter"] and (da["adapter"] or db["adapter"]["role"] != "out") and ib == b:
-                method_of[(ia, ib)] = db["adapter"]["method"]
+    Many FX edges can land on one drawn edge (everything into a collapsed box); it then carries their
+    shapes ("+N" more) and is unchanged if any of them is, added or removed otherwise.
+    """
+
+    def __init__(self, view: _View) -> None:
+        self.v = view
+
+    def lines(self) -> list[str]:
+        labels_of, marks, method_of = self._merge()
+        out = []
         for key, mark in marks.items():
             attrs: dict[str, Any] = {}
             lab = sorted(labels_of[key])
-            if self.shapes and lab:
+            if self.v.shapes and lab:
                 attrs["label"] = lab[0] if len(lab) == 1 else f"{lab[0]} (+{len(lab) - 1})"
             if mark == "removed":
                 attrs.update(color=_REMOVED, style="dashed")
             elif mark == "added":
                 attrs.update(color=_ADDED)
             elif key in method_of:
-                attrs.update(color=_method_colors(method_of[key], self.methods)[1])
-            self.lines.append(f"  {_q(key[0])} -> {_q(key[1])} {_attrs(**attrs) if attrs else ''}".rstrip())
-        self.lines.insert(legend_at, "  " + self.legend())
-        self.lines.append("}")
-        return "\n".join(self.lines) + "\n"
+                attrs.update(color=self.v.colors(method_of[key])[1])
+            out.append(f"  {_q(key[0])} -> {_q(key[1])} {_attrs(**attrs) if attrs else ''}".rstrip())
+        return out
+
+    def _merge(self):
+        """Per drawn edge: the shape labels worth printing, the diff mark, and the method whose colour it takes."""
+        s, v = self.v.s, self.v
+        drawn_ids = {v.node_id(n) for n in s.drawn}
+        labels_of: dict[tuple[str, str], set[str]] = defaultdict(set)
+        marks: dict[tuple[str, str], str | None] = {}
+        method_of: dict[tuple[str, str], str] = {}
+        for (a, b), found in s.edges.items():
+            ia, ib = v.node_id(a), v.node_id(b)
+            if ia == ib or ia not in drawn_ids or ib not in drawn_ids:
+                continue
+            # A shape is printed where it says something, and always where the edge crosses a module boundary.
+            crossing = v.box_of.get(a, s.cluster_of[a]) is not v.box_of.get(b, s.cluster_of[b])
+            labels_of[(ia, ib)] |= {lab for lab, telling, _ in found
+                                    if lab and (telling or crossing or v.shapes == "all")}
+            for _, _, mark in found:
+                marks[(ia, ib)] = _better(marks[(ia, ib)], mark) if (ia, ib) in marks else mark
+            da, db = s.g.nodes[a], s.g.nodes[b]
+            # Data flowing through an adapter takes its colour; the base output into the "out" add does not.
+            if db["adapter"] and (da["adapter"] or db["adapter"]["role"] != "out") and ib == b:
+                method_of[(ia, ib)] = db["adapter"]["method"]
+        return labels_of, marks, method_of
+
+
+def _legend(v: _View) -> str:
+    """The legend node: one swatch per method drawn, the site and diff marks, folded runs, shape aliases."""
+    rows = []
+    for m in v.methods:
+        rows.append(f'<tr><td bgcolor="{v.colors(m)[0]}" width="14"> </td><td align="left">{_e(_method_name(m))} adapter node</td></tr>')
+    rows.append('<tr><td bgcolor="#e9ecef" width="14"> </td><td align="left">site (applies a base weight W)</td></tr>')
+    if v.diff:
+        rows.append(f'<tr><td border="2" color="{_ADDED}" width="14"> </td><td align="left"><font color="{_ADDED}">+ added</font> by the pass</td></tr>')
+        rows.append(f'<tr><td border="2" color="{_REMOVED}" style="dashed" width="14"> </td><td align="left"><font color="{_REMOVED}">− removed</font> by the pass</td></tr>')
+    if any(c.run for c in v.s.root.walk()):
+        rows.append('<tr><td><font color="#c92a2a"><b>×N</b></font></td><td align="left">N identical blocks, drawn once</td></tr>')
+    note = "edges: value shape" + (f" ({v.s.dtype} unless marked)" if v.s.dtype else "")
+    rows.append(f'<tr><td colspan="2" align="left"><font point-size="8">{_e(note)}</font></td></tr>')
+    # Symbolic dims by the input they come from, then the short aliases of long ones (see _ShapeFmt).
+    dims = [f"{k} = {val}" for k, val in (v.s.g.graph.get("dims") or {}).items() if not k.isdigit()][:4]
+    dims += [f"{val} = {k}" for k, val in v.s.fmt.aliases.items()][:6]
+    for txt in dims:
+        rows.append(f'<tr><td colspan="2" align="left"><font point-size="8">{_e(txt)}</font></td></tr>')
+    table = '<table border="0" cellborder="1" cellspacing="2" cellpadding="3" bgcolor="white">' + \
+        '<tr><td colspan="2"><b>legend</b></td></tr>' + "".join(rows) + "</table>"
+    return f'"legend" [shape=plaintext margin=0 label=<{table}>]'
+
+
+def _caption(v: _View) -> str:
+    """The default caption: graph name, dialect, node count, the adapters per method, and the diff's counts."""
+    g = v.s.g
+    tags = [d["adapter"] for _, d in g.nodes(data=True) if d["adapter"] and d.get("diff") != "removed"]
+    parts = []
+    for m in sorted({t["method"] for t in tags}):
+        sites = len({t["site"] for t in tags if t["method"] == m})
+        count = len({t["module"] for t in tags if t["method"] == m})
+        where = f"{sites} site{'s' * (sites != 1)}"
+        parts.append(f"{_method_name(m)} on {where}" if count == sites else
+                     f"{count} {_method_name(m)} adapters on {where}")
+    what = ", ".join(parts) or "no adapters"
+    head = (f"{g.graph.get('name', 'graph')} · {g.graph.get('dialect', '')} graph · "
+            f"{sum(1 for _, d in g.nodes(data=True) if d.get('diff') != 'removed')} FX nodes · {what}")
+    if v.diff:
+        added = sum(1 for _, d in g.nodes(data=True) if d.get("diff") == "added" and not d.get("group"))
+        removed = sum(1 for _, d in g.nodes(data=True) if d.get("diff") == "removed")
+        head += f" · diff: +{added} / −{removed} FX nodes"
+    return head
+
+
+class _Dot:
+    """Writes the scene as DOT text (faster and more predictable than a DOT builder for a few thousand lines):
+    graph attributes, the legend, the module tree with its nodes, then the edges."""
+
+    def __init__(self, scene: _Scene, depth: int, focus: set[int] | None, rankdir: str, shapes: bool | str,
+                 title: str | None) -> None:
+        self.view = _View(scene, depth, focus, shapes)
+        self.title, self.rankdir = title, rankdir
+
+    def render(self) -> str:
+        v = self.view
+        head = self.title if self.title is not None else _caption(v)
+        lines = [
+            "digraph fxpeft {",
+            f"  graph [rankdir={_q(self.rankdir)} fontname=\"Helvetica\" fontsize=\"11\" nodesep=\"0.18\" "
+            f"ranksep=\"0.28\" labelloc=\"t\" label={_q(head)} newrank=\"true\" tooltip={_q(head)}];",
+            '  node [fontname="Helvetica" fontsize="10" height="0.3" margin="0.08,0.03"];',
+            '  edge [fontname="Helvetica" fontsize="8" fontcolor="#868e96" color="#868e96" arrowsize="0.6"];',
+        ]
+        body = _ModuleBoxes(v, _NodeLabels(v)).lines(v.s.root, "  ")
+        edges = _Edges(v).lines()
+        # The legend goes first in the file but is built last: drawing the nodes may name more dim aliases.
+        return "\n".join(lines + ["  " + _legend(v)] + body + edges + ["}"]) + "\n"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -850,6 +934,28 @@ def to_dot(gm: fx.GraphModule | nx.DiGraph, *, depth: int | None = None, before:
     return _Dot(scene, depth, focus, rankdir, shapes, title).render()
 
 
+class GraphvizPackageNotFoundError(GraphvizNotFoundError):
+    """The ``graphviz`` Python package is not installed (rendering drives ``dot`` through it); the graph's
+    ``.dot`` source was written instead (``dot_path``). A :class:`~fxpeft.errors.GraphvizNotFoundError`, so
+    one ``except`` covers both halves of a missing Graphviz."""
+
+
+def _import_graphviz():
+    """The ``graphviz`` package, or None when it is not installed (an optional dependency: ``.dot`` needs none)."""
+    try:
+        import graphviz
+    except ImportError:
+        return None
+    return graphviz
+
+
+def _package_missing_message(out: Path, dot_path: Path) -> str:
+    return (f"the graphviz Python package is not installed, so {out.name} was not rendered; its DOT source is "
+            f"in {dot_path}. Install it with `pip install graphviz` (and Graphviz's `dot` program: Debian/Ubuntu "
+            f"`sudo apt-get install graphviz`, macOS `brew install graphviz`), then re-run, or draw to a .dot "
+            f"file and render it yourself: dot -T{out.suffix.lstrip('.').lower()} {dot_path} -o {out}")
+
+
 def _dot_missing_message(out: Path, dot_path: Path) -> str:
     return (f"Graphviz's `dot` program is not installed (not on PATH), so {out.name} was not rendered; its DOT "
             f"source is in {dot_path}. Install Graphviz (Debian/Ubuntu: `sudo apt-get install graphviz`; macOS: "
@@ -888,6 +994,8 @@ def draw(gm: fx.GraphModule, path: str | os.PathLike, *, depth: int | None = Non
     Raises:
         GraphvizNotFoundError: Graphviz's ``dot`` is not installed; the DOT source was written next to
             ``path`` (as ``.dot``) and the message says how to install Graphviz.
+        GraphvizPackageNotFoundError: the ``graphviz`` Python package is not installed (a subclass of
+            ``GraphvizNotFoundError``; the DOT source was written too, and the message says ``pip install graphviz``).
         DrawError: an unsupported extension, a ``before=`` that is ``gm`` itself, or Graphviz failed.
 
     Example:
@@ -914,12 +1022,15 @@ def draw(gm: fx.GraphModule, path: str | os.PathLike, *, depth: int | None = Non
     if fmt is None:
         out.write_text(src)
         return out
+    graphviz = _import_graphviz()
+    if graphviz is None:
+        dot_path = out.with_suffix(".dot")
+        dot_path.write_text(src)
+        raise GraphvizPackageNotFoundError(_package_missing_message(out, dot_path), str(dot_path))
     if shutil.which("dot") is None:
         dot_path = out.with_suffix(".dot")
         dot_path.write_text(src)
         raise GraphvizNotFoundError(_dot_missing_message(out, dot_path), str(dot_path))
-    import graphviz
-
     try:
         data = graphviz.Source(src).pipe(format=fmt, engine="dot")
     except graphviz.ExecutableNotFound:  # removed between the check and the call
