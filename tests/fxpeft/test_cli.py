@@ -24,7 +24,7 @@ LORA_FILL = fxpeft.PeftRegistry.get("lora").color[0]
 IA3_FILL = fxpeft.PeftRegistry.get("ia3").color[0]
 
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is not installed")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
