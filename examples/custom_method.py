@@ -38,7 +38,7 @@ class BiasDelta(AdapterModule):
         self.delta = nn.Parameter(torch.randn(site.out_features, dtype=weight.dtype, device=weight.device) * init_scale)
 
     def effective(self) -> torch.Tensor:
-        return self.delta.detach().float() * float(self.gate)
+        return self.delta.detach().float()
 
 
 @PeftRegistry.register("bias_tuning")

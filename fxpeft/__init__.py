@@ -17,7 +17,6 @@ from .api import (
     adapters,
     export,
     get_nb_trainable_parameters,
-    merge,
     print_trainable_parameters,
     rewrite,
     trace,
@@ -37,6 +36,17 @@ from .errors import (
     UnsupportedSiteError,
 )
 from .graph import to_networkx
+from .lifecycle import (
+    active_adapters,
+    adapter_names,
+    delete_adapter,
+    disable_adapters,
+    merge,
+    merge_adapter,
+    set_adapter,
+    unload,
+    unmerge_adapter,
+)
 from .io import config_from_peft, load_adapter, save_adapter, save_merged
 from .methods import IA3Config, LoraConfig
 from .registry import AdapterModule, Emit, Method, PeftConfigBase, PeftRegistry
@@ -50,6 +60,14 @@ __all__ = [
     "trace",
     "rewrite",
     "merge",
+    "adapter_names",
+    "active_adapters",
+    "set_adapter",
+    "disable_adapters",
+    "delete_adapter",
+    "merge_adapter",
+    "unmerge_adapter",
+    "unload",
     "export",
     "save_adapter",
     "config_from_peft",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import uuid
@@ -20,7 +21,7 @@ from .pipeline import rewrite_graph
 from .registry import AdapterModule
 from .tags import INFO_KEY, GraphInfo, graph_info, set_graph_info
 
-__all__ = ["trace", "rewrite", "merge", "export", "get_nb_trainable_parameters", "print_trainable_parameters"]
+__all__ = ["trace", "rewrite", "export", "get_nb_trainable_parameters", "print_trainable_parameters"]
 
 
 class _DefaultsCodeGen(_PyTreeCodeGen):
@@ -197,6 +198,21 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, strict:
     return gm
 
 
+def _own_called_modules(gm: fx.GraphModule) -> None:
+    """symbolic_trace's GraphModule holds the model's own objects for ``call_module`` targets; replace each by a
+    shallow copy (same parameters and buffers), so adapters added under a site land in the graph only, never
+    in the traced model (its ``state_dict``, a second trace of it)."""
+    targets = dict.fromkeys(n.target for n in gm.graph.nodes if n.op == "call_module")
+    for target in sorted(targets, key=lambda t: t.count(".")):  # parents first: a child lands in its parent's copy
+        parent, _, leaf = target.rpartition(".")
+        owner = gm.get_submodule(parent) if parent else gm
+        mod = owner._modules[leaf]
+        clone = copy.copy(mod)
+        clone._parameters, clone._buffers, clone._modules = dict(mod._parameters), dict(mod._buffers), dict(mod._modules)
+        clone._non_persistent_buffers_set = set(mod._non_persistent_buffers_set)
+        owner._modules[leaf] = clone
+
+
 def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, dynamic_shapes=None,
           strict: bool = False, leaf_modules: tuple[type, ...] = ()) -> fx.GraphModule:
     """Capture ``model`` as a trainable ``torch.fx.GraphModule``.
@@ -253,6 +269,7 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, dyn
                 "Pass example inputs (fxpeft.trace(model, args, kwargs)) to use torch.export, which captures "
                 "data-dependent Python and HF models, or mark the failing submodule as a leaf (leaf_modules=...).") from e
         gm = fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Graph")
+        _own_called_modules(gm)
         dialect = "fx"
     _record(gm, model, dialect)
     if dialect == "export":
@@ -293,40 +310,6 @@ def rewrite(gm: fx.GraphModule, config: Any, adapter_name: str = "default", *, f
     if type(config).__module__.split(".")[0] == "peft":  # a PEFT user's own config object works as is
         config = config_from_peft(config)
     return rewrite_graph(gm, config, adapter_name, fuse=fuse)
-
-
-def merge(gm: fx.GraphModule, adapter_names: list[str] | None = None) -> fx.GraphModule:
-    """Fold adapters into the base weights in place and remove them: a plain graph again.
-
-    Deltas are computed in fp32 and cast back to each weight's dtype. Every merged weight is checked to be
-    finite before any is written. A weight tied to another call site gets its own copy (with a warning).
-    Weights are written in place, so a model that shares them with ``gm`` (the traced model) sees them too.
-
-    Args:
-        gm: a rewritten graph.
-        adapter_names: merge only these adapters (default: all).
-
-    Returns:
-        ``gm``, merged.
-
-    Raises:
-        MergeError: a merged weight would be NaN/inf; nothing was changed.
-        ConfigError: ``adapter_names`` names an adapter ``gm`` does not hold (the message lists those it holds).
-
-    Example:
-        >>> import torch, fxpeft
-        >>> gm = fxpeft.rewrite(fxpeft.trace(torch.nn.Sequential(torch.nn.Linear(4, 4))),
-        ...                     fxpeft.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
-        >>> x = torch.randn(2, 4); before = gm(x)
-        >>> torch.allclose(fxpeft.merge(gm)(x), before, atol=1e-6)
-        True
-    """
-    from .passes.merge import MergeAdapters
-
-    if isinstance(adapter_names, str):
-        adapter_names = [adapter_names]
-    names = tuple(adapter_names) if adapter_names is not None else None
-    return MergeAdapters(names)(gm).graph_module
 
 
 def export(gm: nn.Module, path: str | os.PathLike, args: tuple = (), kwargs: dict | None = None, *,

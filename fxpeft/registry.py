@@ -45,9 +45,9 @@ class PeftConfigBase:
 class AdapterModule(nn.Module):
     """Base class of the small submodules that hold one adapter's parameters at one site.
 
-    Passes find adapters by this type and by node tags, never by attribute names. Run-time state (whether
-    the adapter is on) lives in the ``gate`` buffer, which the graph reads on every call: switching an
-    adapter off needs no new code and no recompile.
+    Passes find adapters by this type and by node tags, never by attribute names. Run-time state lives in the
+    ``gate`` buffer (on while the adapter is enabled and not merged), which the graph reads on every call:
+    switching an adapter off needs no new code and no recompile. ``fold`` never reads the gate.
 
     Example:
         >>> import torch, fxpeft
@@ -64,16 +64,33 @@ class AdapterModule(nn.Module):
         super().__init__()
         self.site_name = site_name
         self.adapter_name = adapter_name
+        self.enabled = True   # chosen by the user: set_adapter / disable_adapters
+        self.merged = False   # folded into the base weight (merge_adapter): the graph must not add it again
         self.register_buffer("gate", torch.ones((), dtype=torch.bool), persistent=False)
 
     @property
     def active(self) -> bool:
-        return bool(self.gate)
+        """Whether the adapter is on (computed by the graph, or merged into the weight)."""
+        return self.enabled
 
     def set_active(self, on: bool) -> None:
         """Switch the adapter on or off for every later call (graph and compiled code unchanged)."""
+        self.enabled = bool(on)
+        self._sync()
+
+    def set_merged(self, merged: bool) -> None:
+        """Record that the adapter's fold is in (or out of) the base weight; the graph stops (or resumes) adding it."""
+        self.merged = bool(merged)
+        self._sync()
+
+    def _sync(self) -> None:
+        on = self.enabled and not self.merged
         with torch.no_grad():
-            self.gate.fill_(bool(on))
+            self.gate.fill_(on)
+        self.gate_changed(on)
+
+    def gate_changed(self, on: bool) -> None:
+        """Hook for methods that keep other run-time buffers in step with the gate (LoRA's ``scale``)."""
 
     def extra_repr(self) -> str:
         return f"site={self.site_name!r}, adapter={self.adapter_name!r}"

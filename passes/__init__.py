@@ -4,11 +4,12 @@ atomic (a failure leaves the graph as it was), and it lints and recompiles at th
 Shipped as ``fxpeft.passes``; always import it under that name.
 """
 
+from .fold import FoldAdapters
 from .fuse import FuseLowRankSiblings, UnfuseLowRankSiblings
 from .inject import InjectAdapter
 from .merge import MergeAdapters
 from .normalize import DropoutToModule
 from .remove import RemoveAdapters
 
-__all__ = ["InjectAdapter", "MergeAdapters", "RemoveAdapters", "DropoutToModule", "FuseLowRankSiblings",
+__all__ = ["InjectAdapter", "MergeAdapters", "RemoveAdapters", "FoldAdapters", "DropoutToModule", "FuseLowRankSiblings",
            "UnfuseLowRankSiblings"]

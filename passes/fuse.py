@@ -138,6 +138,8 @@ def _fuse_group(gm: fx.GraphModule, group: list[_Chain], pos: dict[fx.Node, int]
         parts = [build.node("call_function", operator.getitem, (split, i), Role.DOWN_PART, own=c.tag)
                  for i, c in enumerate(group)]
     for c, part in zip(group, parts):
+        if "nn_module_stack" in c.down.meta:  # a part is its own site's node: its module stack, not the lead's
+            part.meta["nn_module_stack"] = dict(c.down.meta["nn_module_stack"])
         c.scale.replace_input_with(c.down, part)
         for n in (c.down, c.dropout, c.cast):
             if n is not None:

@@ -53,15 +53,17 @@ def adapter_modules(gm: fx.GraphModule) -> dict[str, AdapterModule]:
 
 
 def freeze_base(gm: torch.nn.Module) -> None:
-    """Make adapter parameters trainable and every other parameter frozen. The first call records each base
-    parameter's flag in the graph info, so removing the last adapter restores them."""
-    adapter_params = {id(p) for m in gm.modules() if isinstance(m, AdapterModule) for p in m.parameters()}
+    """Make the parameters of active adapters trainable and every other parameter frozen. The first call
+    records each base parameter's flag in the graph info, so removing the last adapter restores them."""
+    adapters = [m for m in gm.modules() if isinstance(m, AdapterModule)]
+    adapter_params = {id(p) for m in adapters for p in m.parameters()}
+    trainable = {id(p) for m in adapters if m.enabled for p in m.parameters()}
     info = graph_info(gm)
     if info.frozen is None:
         info.frozen = {n: p.requires_grad for n, p in gm.named_parameters() if id(p) not in adapter_params}
         set_graph_info(gm, info)
     for p in gm.parameters():
-        p.requires_grad_(id(p) in adapter_params)
+        p.requires_grad_(id(p) in trainable)
 
 
 def _adapter_path(gm: fx.GraphModule, site: Site, method: str, adapter_name: str) -> str:
@@ -139,6 +141,9 @@ class InjectAdapter:
         _check_free(gm, method, name, chosen, paths)
         method.check_selection(config, chosen)
         adapters = {s.name: method.build(s, config, name, gm.get_parameter(s.weight)) for s in chosen}
+        if any(m.adapter_name != name for m in adapter_modules(gm).values()):
+            for m in adapters.values():  # PEFT's add_adapter: a further adapter is added, not made active
+                m.set_active(False)
         first = gm.get_parameter(chosen[0].weight)
         shared = method.shared_state(config, chosen, name, first.dtype, first.device)
 

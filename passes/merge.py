@@ -76,8 +76,10 @@ def _untie(gm: fx.GraphModule, site: Site, merged: torch.Tensor, weight: nn.Para
         return f"{site.name}.weight"
     want = f"{site.name}.weight" if site.weight.rpartition(".")[2] == "weight" else f"{site.weight}_merged"
     aliases = [n for n, p in gm.named_parameters(remove_duplicate=False) if p is weight]
+    own = {c.weight_user for c in site.calls}
     for n in gm.graph.nodes:  # other readers that reach the weight through ``want`` move to another alias
-        if n.op == "get_attr" and n.target == want and not any(u in {c.weight_user for c in site.calls} for u in n.users):
+        # (a get_attr node can be shared by the site and another reader: ep.module() reads a tied weight once)
+        if n.op == "get_attr" and n.target == want and any(u not in own for u in n.users):
             other = [a for a in aliases if a != want]
             if not other:
                 want = f"{want}_merged"

@@ -37,10 +37,13 @@ def select_adapters(gm: fx.GraphModule, names: Iterable[str] | None) -> dict[str
 def base_value(node: fx.Node) -> fx.Node:
     """The base value an ``OUT`` node stands in for: follow ``args[tag.replaces]`` out of the adapter's nodes."""
     tag = get_tag(node)
-    while tag is not None and tag.replaces is not None:
+    own = tag.module if tag is not None else None
+    # Only through this adapter's own nodes: another adapter's OUT node on the same site (stacked adapters) is
+    # the value this one stands in for, and must stay in the graph.
+    while tag is not None and tag.module == own and tag.replaces is not None:
         node = node.args[tag.replaces]
         tag = get_tag(node)
-    if tag is not None:
+    if tag is not None and tag.module == own:
         raise ConfigError(f"adapter node {node.name!r} breaks the graph contract (no 'replaces' path to a base "
                           "value); was the graph edited by hand?")
     return node

@@ -33,6 +33,11 @@ class Transaction:
         self.info = copy.copy(meta.get(INFO_KEY)) if isinstance(meta, dict) else None
         self.code = gm.code if hasattr(gm, "_code") else None
         self.written: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.undo: list = []
+
+    def on_rollback(self, fn) -> None:
+        """Call ``fn()`` if the transaction rolls back (state outside the graph and the module tables)."""
+        self.undo.append(fn)
 
     def will_write(self, t: torch.Tensor) -> None:
         """Keep a copy of ``t``'s data: the pass is about to write it in place."""
@@ -70,6 +75,8 @@ class Transaction:
         with torch.no_grad():
             for t, data in self.written:
                 t.copy_(data)
+        for fn in reversed(self.undo):
+            fn()
         for p, flag in self.grads:
             p.requires_grad_(flag)
         if self.info is not None:

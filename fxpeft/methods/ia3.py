@@ -83,8 +83,8 @@ class IA3Adapter(AdapterModule):
         self.l = nn.Parameter(torch.ones(n, *trailing, dtype=dtype, device=device))
 
     def vector(self) -> torch.Tensor:
-        """``l`` as the graph applies it now (ones while the adapter is off), flat, fp32."""
-        return torch.where(self.gate, self.l.detach(), 1.0).float().flatten()
+        """``l``, flat, fp32 (what the fold multiplies by)."""
+        return self.l.detach().float().flatten()
 
 
 @PeftRegistry.register("ia3")

@@ -130,8 +130,7 @@ class LoraAdapter(AdapterModule):
         if dropout > 0 and site.kind != "embedding":
             self.dropout = LoraDropout(dropout)
 
-    def set_active(self, on: bool) -> None:
-        super().set_active(on)
+    def gate_changed(self, on: bool) -> None:
         with torch.no_grad():
             self.scale.fill_(self.scaling if on else 0.0)
 
@@ -153,8 +152,8 @@ class LoraAdapter(AdapterModule):
                 nn.init.zeros_(self.B)
 
     def delta_weight(self, site: Site) -> torch.Tensor:
-        """The fp32 update to the base weight at the current run-time scale, in the weight's own layout."""
-        A, B, s = self.A.detach().float(), self.B.detach().float(), float(self.scale)
+        """The fp32 update to the base weight, in the weight's own layout."""
+        A, B, s = self.A.detach().float(), self.B.detach().float(), self.scaling
         if site.kind == "conv":
             # [out, r] @ [r, in*k] -> [out, in, *k]
             return (B.flatten(1) @ A.flatten(1)).view(site.out_features, site.in_features, *site.kernel_size) * s
