@@ -493,6 +493,41 @@ def _check_writable(out: Path) -> None:
         raise CommandError(f"--out {str(out)!r}: {parent} is not writable; pick a writable path")
 
 
+def _merge(args: argparse.Namespace) -> int:
+    """``fxpeft merge BASE ADAPTER OUT``: load a PEFT-format adapter onto BASE, merge, write safetensors (and a .pt2)."""
+    import time
+
+    import fxpeft
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"OUT {str(out)!r} is a file; name a directory for the merged checkpoint")
+    _check_writable(out / "model.safetensors")
+    steps = 5 if args.pt2 else 4
+    start = time.perf_counter()
+
+    def step(i: int, what: str) -> None:  # progress on stderr: stdout stays clean for scripts
+        print(f"fxpeft merge: [{i}/{steps}] {what} ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
+
+    step(1, f"loading {args.base}")
+    model, margs, mkwargs = load_model(args.base)
+    if args.pt2 and not (margs or mkwargs):
+        raise CliError("--pt2 needs example inputs: BASE must be an HF model directory or a factory returning "
+                       "(model, args, kwargs)")
+    gm = fxpeft.trace(model, margs, mkwargs) if (margs or mkwargs) else fxpeft.trace(model)
+    step(2, f"loading the adapter {args.adapter}")
+    fxpeft.load_adapter(gm, args.adapter)
+    step(3, f"merging {len(fxpeft.adapters(gm))} adapted sites")
+    fxpeft.merge(gm)
+    step(4, f"writing {out}")
+    files = fxpeft.save_merged(gm, out, max_shard_size=args.max_shard_size, config=getattr(model, "config", None))
+    if args.pt2:
+        step(5, f"exporting {out / 'model.pt2'}")
+        fxpeft.export(gm, out / "model.pt2", margs, mkwargs)
+    print("\n".join(str(out / f) for f in files + (["model.pt2"] if args.pt2 else [])))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -514,7 +549,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``fxpeft`` argument parser (``inspect``, ``draw``, ``demo``).
+    """The ``fxpeft`` argument parser (``inspect``, ``draw``, ``merge``, ``demo``).
 
     Example:
         >>> from fxpeft.cli import build_parser
@@ -581,6 +616,22 @@ def build_parser() -> argparse.ArgumentParser:
     draw.add_argument("--fx", action="store_true", help="trace with torch.fx.symbolic_trace even when MODEL gives inputs")
     _add_debug(draw)
     draw.set_defaults(func=_draw)
+
+    merge = sub.add_parser(
+        "merge", help="merge a PEFT-format adapter into a model and write the merged weights",
+        formatter_class=fmt,
+        description="Load ADAPTER (a PEFT-format directory, written by PEFT or fxpeft) onto BASE, fold it into the "
+                    "weights, and write OUT as safetensors that the model class's from_pretrained loads (with "
+                    "config.json when BASE has a config). Progress goes to stderr; the files written to stdout.",
+        epilog="examples:\n  fxpeft merge ./llama-base ./my-lora ./llama-merged\n"
+               "  fxpeft merge ./llama-base ./my-lora ./llama-merged --pt2 --max-shard-size 2GB")
+    merge.add_argument("base", metavar="BASE", help=_MODEL_HELP)
+    merge.add_argument("adapter", metavar="ADAPTER", help="a PEFT-format adapter directory")
+    merge.add_argument("out", metavar="OUT", help="output directory (created if missing)")
+    merge.add_argument("--pt2", action="store_true", help="also write OUT/model.pt2 (torch.export of the merged graph)")
+    merge.add_argument("--max-shard-size", default="5GB", help="shard size (default: %(default)s)")
+    _add_debug(merge)
+    merge.set_defaults(func=_merge)
 
     demo = sub.add_parser("demo", help="trace a tiny Llama, rewrite, train, merge, export and draw",
                           description="The README's main job: trace → LoRA rewrite → train → merge → export → draw.")
