@@ -47,7 +47,7 @@ from .lifecycle import (
     unload,
     unmerge_adapter,
 )
-from .io import config_from_peft, load_adapter, save_adapter, save_merged
+from .io import config_from_peft, hotswap_adapter, load_adapter, prepare_for_hotswap, save_adapter, save_merged
 from .methods import IA3Config, LoraConfig
 from .registry import AdapterModule, Emit, Method, PeftConfigBase, PeftRegistry
 from .tags import AdapterTag, GraphInfo, Role
@@ -72,6 +72,8 @@ __all__ = [
     "save_adapter",
     "config_from_peft",
     "load_adapter",
+    "hotswap_adapter",
+    "prepare_for_hotswap",
     "save_merged",
     "adapters",
     "list_sites",

@@ -48,7 +48,8 @@ from .tags import graph_info
 from .targeting import matches, select_sites
 from .untrusted import load_json
 
-__all__ = ["save_adapter", "load_adapter", "save_merged", "config_from_peft", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_adapter", "load_adapter", "hotswap_adapter", "prepare_for_hotswap", "save_merged", "config_from_peft",
+           "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -445,6 +446,73 @@ def load_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_name:
     if changed:
         warnings.warn(f"load_adapter: the adapter directory carries its own base weights for {changed} (PEFT's "
                       "save_embedding_layers); they were loaded into the base parameters, as PEFT does")
+    return gm
+
+
+def hotswap_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_name: str = "default") -> None:
+    """Replace an adapter's weights (and scaling) in place from a PEFT-format directory: no new code, and a
+    compiled graph does not recompile (PEFT's ``hotswap_adapter``).
+
+    The file must adapt exactly the adapter's sites, with the same method; a LoRA file's rank may differ, up to
+    the room :func:`fxpeft.prepare_for_hotswap` made (call it before compiling). Checked before anything changes.
+
+    Raises:
+        AdapterFileError: no such adapter, other sites or method, a larger rank, or a bad file; ``gm`` is unchanged.
+
+    Example:
+        >>> import torch, fxpeft, tempfile
+        >>> lin = torch.nn.Sequential(torch.nn.Linear(4, 4)); x = torch.randn(2, 4)
+        >>> a = fxpeft.rewrite(fxpeft.trace(lin), fxpeft.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+        >>> d = tempfile.mkdtemp(); fxpeft.save_adapter(a, d); want = a(x)
+        >>> gm = fxpeft.rewrite(fxpeft.trace(lin), fxpeft.LoraConfig(r=2, target_modules=["0"]))
+        >>> code = gm.code; fxpeft.hotswap_adapter(gm, d)
+        >>> gm.code == code, torch.allclose(gm(x), want)
+        (True, True)
+    """
+    mods = {m.site_name: m for m in adapter_modules(gm).values() if m.adapter_name == adapter_name}
+    if not mods:
+        raise AdapterFileError(f"the graph holds no adapter named {adapter_name!r} (it holds "
+                               f"{sorted({m.adapter_name for m in adapter_modules(gm).values()})})")
+    config, tensors = _open_adapter_dir(directory)
+    method = _method_of(config)
+    if {m.method for m in mods.values()} != {method.name}:
+        raise AdapterFileError(f"the file holds a {method.display_name} adapter; {adapter_name!r} is "
+                               f"{sorted({m.method for m in mods.values()})}: a hot-swap keeps the method")
+    fx_config = method.config_from_peft(config)
+    sites = find_sites(gm)
+    chosen = {s.name for s in select_sites(gm, fx_config, method, sites)}
+    if chosen != set(mods):
+        raise AdapterFileError(f"the file adapts other sites than {adapter_name!r} (only in the file: "
+                               f"{sorted(chosen - set(mods))[:3]}, only in the graph: {sorted(set(mods) - chosen)[:3]}); "
+                               "a hot-swap replaces weights, not targets: use load_adapter")
+    shapes = {n: method.site_shapes(fx_config, sites[n]) for n in chosen}
+    by_site, _ = _match_tensors(tensors, shapes, method.refused_keys(), gm, sites)
+    with transaction(gm) as txn:  # every site is checked by swap_in before the next is written; roll back on error
+        for name, m in mods.items():
+            for t in list(m.parameters()) + list(m.buffers()):
+                txn.will_write(t)
+            txn.on_rollback(lambda m=m, d=dict(m.__dict__): m.__dict__.update(d))
+            method.swap_in(m, sites[name], fx_config, by_site[name])
+
+
+def prepare_for_hotswap(gm: fx.GraphModule, *, target_rank: int | None = None) -> fx.GraphModule:
+    """Give every adapter room for hot-swapped files (LoRA: zero-pad to ``target_rank``), before compiling.
+
+    Outputs do not change; the code is generated once here, so later :func:`hotswap_adapter` calls need none.
+    As PEFT's ``prepare_model_for_compiled_hotswap``.
+    """
+    from .passes import FuseLowRankSiblings, UnfuseLowRankSiblings
+
+    if target_rank is not None and not (isinstance(target_rank, int) and target_rank > 0):
+        raise AdapterFileError(f"target_rank must be a positive integer, got {target_rank!r}")
+    sites = find_sites(gm)
+    with transaction(gm):
+        fused = UnfuseLowRankSiblings()(gm).modified  # fused splits bake the ranks in: re-fuse after padding
+        for m in adapter_modules(gm).values():
+            PeftRegistry.get(m.method).prepare_swap(m, sites[m.site_name], target_rank)
+        if fused:
+            FuseLowRankSiblings()(gm)
+        gm.recompile()
     return gm
 
 

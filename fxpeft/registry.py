@@ -286,6 +286,21 @@ class Method:
         raise NotImplementedError
 
     @classmethod
+    def prepare_swap(cls, adapter: AdapterModule, site: Site, capacity: int | None) -> None:
+        """Make room, in place, for later :meth:`swap_in` of files up to ``capacity`` (a rank, for low-rank
+        methods). May change parameter shapes (the caller regenerates the code); must not change outputs."""
+
+    @classmethod
+    def swap_in(cls, adapter: AdapterModule, site: Site, config: Any, tensors: dict[str, torch.Tensor]) -> None:
+        """Replace the adapter's weights and settings in place from a file's (checked) tensors and config,
+        without changing any shape: the graph's code, and a compiled graph, stay as they are.
+
+        Raises:
+            AdapterFileError: the file does not fit the room the adapter has (say, a larger rank).
+        """
+        raise AdapterFileError(f"{cls.display_name or cls.name} adapters cannot be hot-swapped")
+
+    @classmethod
     def site_settings(cls, config: Any, site: Site) -> dict[str, Any]:
         """The per-site hyper-parameters ``config`` gives ``site`` (compared on save, so a file reloads exactly)."""
         return {}

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import io
 import marshal
+import builtins
 import math
 import pickle
 import re
@@ -223,7 +224,8 @@ def _guard_function(guards: torch.nn.Module):
 def _guard_globals() -> dict:
     from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
 
-    return {**SYMPY_INTERP, "math": math, "inf": float("inf")}  # what torch.export._unlift gives the guard code
+    # what torch.export._unlift gives the guard code; __builtins__ too, which Dynamo looks up when it traces it
+    return {**SYMPY_INTERP, "math": math, "inf": float("inf"), "__builtins__": builtins}
 
 
 def _rebuild_guards(cls: type, state: dict, code: bytes | None, python: tuple) -> torch.nn.Module:

@@ -24,6 +24,8 @@ import functools
 import json
 import os
 import re
+import threading
+import weakref
 from typing import Any, Callable
 
 from .errors import AdapterFileError, ConfigError
@@ -50,14 +52,21 @@ MAX_PATTERN_CHARS = 10_000
 """Longest pattern accepted; real PEFT patterns are well under 1 000 characters."""
 
 MAX_NFA_STATES = 20_000
-"""Largest automaton built (``{m,n}`` copies its operand, so ``\\w{1,9999}`` is big). The cost of matching one
-name is at most ``len(name)`` times this, so the cap also bounds the worst case per name (about 0.1 s for a
-300-character name); real PEFT patterns need a few hundred states."""
+"""Largest automaton built, counted in states plus ``{m,n}`` copies (a repeat copies its operand, so
+``\\w{1,9999}`` is big). Real PEFT patterns need a few hundred; a 10 000-character alternation of module names
+fits. Matching one character costs at most about this many steps (measured: about 2 ms for the most expensive
+patterns the cap allows, so 0.6 s for a 300-character name); DFA caching makes repeated prefixes free."""
 
 MAX_GROUP_DEPTH = 100
 """Deepest nesting of parentheses accepted: Python's parser (and the NFA builder) recurse once per level."""
 
-_MAX_DFA_CACHE = 50_000  # cached DFA states + transitions per pattern; the cache is dropped when it grows past
+# Memory bound of the lazily built DFAs, in "slots": one per cached move, one plus the NFA-set size per DFA state
+# (about 50-130 bytes each: at most ~250 MB in all). A pattern past its own cap, or any pattern while all of them together are past the
+# total, drops its cache: answers stay the same, only a step costs O(NFA size) again until it is rebuilt.
+_DFA_SLOTS_PER_PATTERN = 250_000
+_DFA_SLOTS_TOTAL = 2_000_000
+_dfa_slots_in_use = [0]  # all live patterns together; a pattern's share is released when it is dropped or freed
+_dfa_slots_lock = threading.Lock()
 
 # Opcodes that only exist on some Python versions (3.11 added atomic groups and possessive repeats).
 _ATOMIC_GROUP = getattr(_c, "ATOMIC_GROUP", object())
@@ -209,6 +218,7 @@ class _NFABuilder:
         self._atom_ids: dict[tuple[str, int], int] = {}
         self._assert_ids: dict[tuple[Any, int], int] = {}
         self._work = 0
+        self.edge_only = True  # no \b, \B or multiline ^ $ (see Pattern._context)
 
     def new(self, kind: int, arg: Any = None, out1: int = -1, out2: int = -1) -> int:
         self.charge()
@@ -274,17 +284,35 @@ class _NFABuilder:
         key = (at, flags & (re.MULTILINE | re.ASCII))
         if key not in self._assert_ids:
             self._assert_ids[key] = len(self.asserts)
+            edges = (_c.AT_BEGINNING, _c.AT_BEGINNING_STRING, _c.AT_END, _c.AT_END_STRING)
+            self.edge_only &= at in edges and not flags & re.MULTILINE
             self.asserts.append(_assertion(at, flags))
         return self._assert_ids[key]
+
+
+def _release_slots(slots: list[int]) -> None:
+    """Return a pattern's DFA-cache slots to the global pool (its cache was dropped, or it was freed)."""
+    with _dfa_slots_lock:
+        _dfa_slots_in_use[0] -= slots[0]
+        slots[0] = 0
 
 
 class _DState:
     """A DFA state: the set of NFA character/match states live at one position, and its cached moves."""
 
-    __slots__ = ("states", "accept", "moves")
+    __slots__ = ("states", "accept", "by_atom", "moves")
 
-    def __init__(self, states: frozenset[int], accept: bool) -> None:
-        self.states, self.accept = states, accept
+    def __init__(self, states: frozenset[int], nfa: tuple[tuple[Any, ...], ...]) -> None:
+        self.states = states
+        self.accept = False
+        # The live character states grouped by their test, so a step runs each distinct test once.
+        self.by_atom: dict[int, list[int]] = {}
+        for s in states:
+            kind, atom, out, _ = nfa[s]
+            if kind == _MATCH:
+                self.accept = True
+            else:
+                self.by_atom.setdefault(atom, []).append(out)
         self.moves: dict[tuple[str, tuple[bool, ...]], _DState] = {}
 
 
@@ -301,12 +329,16 @@ class Pattern:
 
     def __init__(self, pattern: str, field: str, builder: _NFABuilder, start: int) -> None:
         self.pattern, self.field = pattern, field
-        self._states = builder.states
+        self._states = tuple(map(tuple, builder.states))  # [kind, arg, out1, out2] per NFA state
         self._atoms = builder.atoms
         self._asserts = builder.asserts
+        # Whether every assertion is one that is false at all positions except the first and last two.
+        self._interior = () if not builder.asserts else (
+            tuple(False for _ in builder.asserts) if builder.edge_only else None)
         self._start = start
         self._cache: dict[Any, _DState] = {}
-        self._cached = 0  # DFA states + moves created since the cache was last dropped
+        self._slots = [0]  # this pattern's share of _dfa_slots_in_use; a list so the finalizer can read it
+        weakref.finalize(self, _release_slots, self._slots)
 
     def __repr__(self) -> str:
         return f"Pattern({self.pattern!r}, field={self.field!r}, states={len(self._states)})"
@@ -330,20 +362,22 @@ class Pattern:
         return self._run(text, whole=False)
 
     def _context(self, text: str, pos: int) -> tuple[bool, ...]:
-        # The answers of every ^ $ \b ... at this position: the epsilon closure depends on nothing else.
-        return tuple(test(text, pos) for test in self._asserts) if self._asserts else ()
+        """The answers of every ``^ $ \\b ...`` at ``pos``: the epsilon closure depends on nothing else."""
+        return tuple([test(text, pos) for test in self._asserts])
 
     def _run(self, text: str, whole: bool) -> bool:
         if not isinstance(text, str):
             raise TypeError(f"{self.field}: can only match a str module name, not {type(text).__name__}")
+        # Fast path: ^ \A \Z and single-line $ are all false away from the ends, and no assertion gives ().
+        interior, last = self._interior, len(text) - 1
         ctx = self._context(text, 0)
-        state = self._cache.get(ctx) or self._remember(ctx, self._closure([self._start], ctx))
-        for pos, ch in enumerate(text):
+        state = self._cache.get(ctx) or self._remember(ctx, self._intern(self._closure([self._start], ctx)))
+        for pos, ch in enumerate(text, 1):  # pos: the position after ch
             if state.accept and not whole:
                 return True
             if not state.states:
                 return False  # dead: nothing can match any more
-            ctx = self._context(text, pos + 1)
+            ctx = interior if interior is not None and pos < last else self._context(text, pos)
             nxt = state.moves.get((ch, ctx))
             if nxt is None:
                 nxt = self._step(state, ch, ctx)
@@ -351,28 +385,33 @@ class Pattern:
         return state.accept
 
     def _step(self, state: _DState, ch: str, ctx: tuple[bool, ...]) -> _DState:
-        seeds = [self._states[s][2] for s in state.states if self._states[s][0] == _CHAR
-                 and self._atoms[self._states[s][1]](ch)]
-        nxt = self._closure(seeds, ctx)
-        nxt = self._cache.get(nxt.states) or self._remember(nxt.states, nxt)
+        seeds = [out for atom, outs in state.by_atom.items() if self._atoms[atom](ch) for out in outs]
+        nxt = self._intern(self._closure(seeds, ctx))
         state.moves[(ch, ctx)] = nxt
-        self._charge_cache()
+        self._charge_cache(1)
         return nxt
 
+    def _intern(self, states: frozenset[int]) -> _DState:
+        found = self._cache.get(states)
+        return found if found is not None else self._remember(states, _DState(states, self._states))
+
     def _remember(self, key: Any, state: _DState) -> _DState:
-        self._charge_cache()
+        self._charge_cache(1 + len(state.states))
         self._cache[key] = state
         return state
 
-    def _charge_cache(self) -> None:
+    def _charge_cache(self, slots: int) -> None:
         # Subset construction can create exponentially many DFA states in theory; dropping the cache when it
         # grows keeps memory bounded while each step stays O(NFA size), i.e. matching stays linear.
-        self._cached += 1
-        if self._cached > _MAX_DFA_CACHE:
+        with _dfa_slots_lock:
+            self._slots[0] += slots
+            _dfa_slots_in_use[0] += slots
+            full = self._slots[0] > _DFA_SLOTS_PER_PATTERN or _dfa_slots_in_use[0] > _DFA_SLOTS_TOTAL
+        if full:
             self._cache.clear()  # the moves hang off the dropped states, so they go too
-            self._cached = 0
+            _release_slots(self._slots)
 
-    def _closure(self, seeds: list[int], ctx: tuple[bool, ...]) -> _DState:
+    def _closure(self, seeds: list[int], ctx: tuple[bool, ...]) -> frozenset[int]:
         """The character/match states reachable from ``seeds`` without consuming a character (iterative DFS)."""
         seen: set[int] = set()
         kept: set[int] = set()
@@ -392,8 +431,7 @@ class Pattern:
                     stack.append(out1)
             else:
                 kept.add(s)
-        frozen = frozenset(kept)
-        return _DState(frozen, any(states[s][0] == _MATCH for s in frozen))
+        return frozenset(kept)
 
 
 def _group_depth(pattern: str) -> int:
@@ -439,7 +477,7 @@ def _parse(pattern: str, field: str, shown: str) -> Any:
         ) from None
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=512)  # as many as re's own cache holds
 def _compile(source: str, field: str, shown: str) -> Pattern:
     tree = _parse(source, field, shown)
     builder = _NFABuilder(field, shown)

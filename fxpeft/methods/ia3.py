@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxpeft.errors import ConfigError
+from fxpeft.errors import AdapterFileError, ConfigError
 from fxpeft.registry import AdapterModule, Emit, Method, PeftConfigBase, PeftRegistry
 from fxpeft.sites import Site
 from fxpeft.tags import Role
@@ -199,6 +199,13 @@ class IA3(Method):
     def load_site_tensors(cls, adapter: IA3Adapter, site: Site, tensors: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             adapter.l.copy_(tensors["ia3_l"].reshape(adapter.l.shape))
+
+    @classmethod
+    def swap_in(cls, adapter: IA3Adapter, site: Site, config: IA3Config, tensors: dict[str, torch.Tensor]) -> None:
+        if is_feedforward(config, site.name) != adapter.is_feedforward:
+            raise AdapterFileError(f"{site.name}: the file scales the site's {'input' if not adapter.is_feedforward else 'output'}, "
+                                   "the adapter its other side; a hot-swap cannot change that")
+        cls.load_site_tensors(adapter, site, tensors)
 
     @classmethod
     def site_settings(cls, config: IA3Config, site: Site) -> dict[str, Any]:

@@ -302,8 +302,8 @@ class Lora(Method):
 
     @classmethod
     def site_tensors(cls, adapter: LoraAdapter, site: Site) -> dict[str, torch.Tensor]:
-        a, b = _KEYS[site.kind]
-        return {a: adapter.A.detach(), b: adapter.B.detach()}
+        a, b = _KEYS[site.kind]  # only the adapter's rank: rows past it are room for a hot-swap
+        return {a: adapter.A.detach()[: adapter.r], b: adapter.B.detach()[:, : adapter.r]}
 
     @classmethod
     def load_site_tensors(cls, adapter: LoraAdapter, site: Site, tensors: dict[str, torch.Tensor]) -> None:
@@ -311,6 +311,33 @@ class Lora(Method):
         with torch.no_grad():
             adapter.A.copy_(tensors[a].reshape(adapter.A.shape))
             adapter.B.copy_(tensors[b].reshape(adapter.B.shape))
+
+    @classmethod
+    def prepare_swap(cls, adapter: LoraAdapter, site: Site, capacity: int | None) -> None:
+        # Zero rows of A and zero columns of B add nothing: the outputs stay, the room grows to ``capacity``.
+        extra = (capacity or adapter.r) - adapter.A.shape[0]
+        if extra <= 0:
+            return
+        with torch.no_grad():
+            A = torch.cat([adapter.A, adapter.A.new_zeros(extra, *adapter.A.shape[1:])], 0)  # [R, in, *k]
+            B = torch.cat([adapter.B, adapter.B.new_zeros(adapter.B.shape[0], extra, *adapter.B.shape[2:])], 1)
+        adapter.A, adapter.B = nn.Parameter(A, adapter.A.requires_grad), nn.Parameter(B, adapter.B.requires_grad)
+
+    @classmethod
+    def swap_in(cls, adapter: LoraAdapter, site: Site, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> None:
+        a, b = _KEYS[site.kind]
+        r, alpha = cls._rank_alpha(config, site)
+        room = adapter.A.shape[0]
+        if r > room:
+            raise AdapterFileError(f"{site.name}: the file's rank {r} is larger than the adapter's room {room}; call "
+                                   f"fxpeft.prepare_for_hotswap(gm, target_rank={r}) before compiling")
+        with torch.no_grad():
+            adapter.A.zero_(), adapter.B.zero_()
+            adapter.A[:r].copy_(tensors[a].reshape(r, *adapter.A.shape[1:]))
+            adapter.B[:, :r].copy_(tensors[b].reshape(adapter.B.shape[0], r, *adapter.B.shape[2:]))
+        adapter.r, adapter.lora_alpha, adapter.use_rslora = r, alpha, config.use_rslora
+        adapter.scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        adapter.gate_changed(bool(adapter.gate))  # the run-time scale buffer takes the new scaling
 
     @classmethod
     def site_settings(cls, config: LoraConfig, site: Site) -> dict[str, Any]:
