@@ -40,13 +40,16 @@ def test_target_naming_a_non_site_module_says_so(llama):
 
 @pytest.mark.parametrize("bad", [dict(r=0), dict(r=-2), dict(r=2.5), dict(rank_pattern={"q_proj": 0}),
                                  dict(lora_dropout=1.0), dict(init_lora_weights="pissa"), dict(use_dora=True),
-                                 dict(bias="all")])
+                                 dict(bias="all"), dict(lora_alpha=float("nan")), dict(lora_alpha=float("inf")),
+                                 dict(alpha_pattern={"q_proj": float("nan")})],
+                         ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
 def test_bad_lora_config(llama, bad):
     gm = _fresh(llama)
     snap = snapshot(gm)
-    with pytest.raises(fxpeft.ConfigError):
+    with pytest.raises(fxpeft.ConfigError, match="|".join(bad)):  # the message names the field
         fxpeft.rewrite(gm, fxpeft.LoraConfig(target_modules=["q_proj"], **bad))
     assert_unchanged(gm, snap)
+    assert not fxpeft.adapters(gm)
 
 
 def test_unsupported_site_kind(llama):
@@ -73,9 +76,22 @@ def test_double_rewrite_and_method_mixing(llama):
     with pytest.raises(fxpeft.AdapterExistsError, match="mixing lora and ia3"):
         fxpeft.rewrite(gm, fxpeft.IA3Config(target_modules=["q_proj"]), adapter_name="other")
     assert_unchanged(gm, snap)
-    with pytest.raises(fxpeft.ConfigError, match="identifier"):
-        fxpeft.rewrite(gm, fxpeft.LoraConfig(r=2, target_modules=["v_proj"]), adapter_name="a.b")
-    assert_unchanged(gm, snap)
+    for bad_name in ("a/b", "a b", "", ".hidden"):
+        with pytest.raises(fxpeft.ConfigError, match="not a valid adapter name"):
+            fxpeft.rewrite(gm, fxpeft.LoraConfig(r=2, target_modules=["v_proj"]), adapter_name=bad_name)
+        assert_unchanged(gm, snap)
+
+
+def test_adapter_names_with_dash_and_dot(llama):
+    # PEFT accepts them ("svd-rank6", "v1.2"): they key adapters, and do not clash with module paths
+    gm = _fresh(llama)
+    fxpeft.rewrite(gm, fxpeft.LoraConfig(r=2, target_modules=["q_proj"]), adapter_name="svd-rank6")
+    fxpeft.rewrite(gm, fxpeft.LoraConfig(r=2, target_modules=["q_proj"]), adapter_name="v1.2")
+    assert sorted(a.adapter_name for a in fxpeft.adapters(gm).values()) == ["svd-rank6", "v1.2"]
+    fxpeft.set_adapter(gm, "v1.2")
+    assert fxpeft.active_adapters(gm) == ["v1.2"]
+    fxpeft.passes.MergeAdapters(("v1.2",))(gm)
+    assert [a.adapter_name for a in fxpeft.adapters(gm).values()] == ["svd-rank6"]
 
 
 def test_nan_adapter_at_merge_changes_nothing(llama):
@@ -139,3 +155,27 @@ def test_symbolic_trace_leaf_and_padding_mode_are_explained():
     with pytest.raises(fxpeft.TargetError, match="padding_mode='reflect'"):
         fxpeft.rewrite(gm, fxpeft.LoraConfig(target_modules=["conv"]))
     assert_unchanged(gm, snap)
+
+
+def test_merge_unknown_adapter_name_lists_the_names_present(llama):
+    gm = _fresh(llama)
+    fxpeft.rewrite(gm, fxpeft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    fxpeft.rewrite(gm, fxpeft.LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False), adapter_name="other")
+    snap = snapshot(gm)
+    for names in (["nme"], ["default", "nme"], "nme"):
+        with pytest.raises(fxpeft.ConfigError, match=r"no adapter named 'nme'.*\['default', 'other'\]"):
+            fxpeft.merge(gm, names)
+        assert_unchanged(gm, snap)  # not even the known name was merged
+        assert len(fxpeft.adapters(gm)) == 2
+
+
+def test_all_linear_with_no_linear_site_raises(llama):
+    convs = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
+    for gm in (fxpeft.trace(convs), fxpeft.trace(convs, (torch.randn(2, 3, 8, 8),))):
+        snap = snapshot(gm)
+        with pytest.raises(fxpeft.TargetError, match="all-linear.*no linear site"):
+            fxpeft.rewrite(gm, fxpeft.LoraConfig(r=2, target_modules="all-linear"))
+        assert_unchanged(gm, snap)
+        with pytest.raises(fxpeft.TargetError, match="matches no targetable site"):
+            fxpeft.rewrite(gm, fxpeft.LoraConfig(r=2, target_modules=r"fc\d"))
+        assert_unchanged(gm, snap)

@@ -6,7 +6,6 @@ import copy
 import functools
 import json
 import os
-import pickle
 from dataclasses import dataclass
 from typing import Callable
 
@@ -239,7 +238,9 @@ def test_save_merged_sharded_reloads_in_its_transformers_class(tmp_path):
 
     # a later, unsharded save replaces the shards and their index
     assert fxpeft.save_merged(merged, tmp_path) == ["model.safetensors"]
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    # (fxpeft's own bookkeeping, .fxpeft-manifest.json and .fxpeft.lock, is hidden and not part of the checkpoint)
+    assert sorted(f for f in os.listdir(tmp_path) if not f.startswith(".")) == ["config.json", "model.safetensors"]
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".fxpeft-tmp-")]
 
 
 @pytest.mark.filterwarnings("ignore:merge")
@@ -313,8 +314,10 @@ def test_save_adapter_is_atomic(stage, tmp_path, monkeypatch):
             raise OSError("killed")
 
         monkeypatch.setattr("fxpeft.io.os.fsync", fail)
-    with pytest.raises(OSError):
+    # a typed error that names the cause (the OSError is chained)
+    with pytest.raises(fxpeft.AdapterFileError, match="No space left on device" if stage == "weights" else "killed") as e:
         fxpeft.save_adapter(gm, tmp_path)
+    assert isinstance(e.value.__cause__ or e.value.__context__, OSError)
     assert _files(tmp_path) == before  # the previous files intact, no temporary left behind
 
 
@@ -326,8 +329,9 @@ def test_save_merged_is_atomic(tmp_path, monkeypatch):
     with torch.no_grad():
         merged.get_parameter("fc.weight").mul_(2)
     monkeypatch.setattr("fxpeft.io.save_file", _failing_save_file(calls_before_failure=2))
-    with pytest.raises(OSError):
+    with pytest.raises(fxpeft.AdapterFileError, match="No space left on device") as e:
         fxpeft.save_merged(merged, tmp_path, max_shard_size=4096)
+    assert isinstance(e.value.__cause__ or e.value.__context__, OSError)
     assert _files(tmp_path) == before
 
 
@@ -385,13 +389,19 @@ BREAKERS = {
     "pissa": (_edit_config(init_lora_weights="pissa"), "pissa"),
     "dora-tensors": (_edit_tensors(lambda t: t.update({f"{_Q0}.lora_magnitude_vector": torch.ones(64)})), "DoRA"),
     "pickle-only": (_only_bin, "(?s)adapter_model.bin, a pickle.*safetensors"),
+    # fxpeft's own save, changed afterwards: its manifest no longer matches
+    "edited-after-fxpeft-save": (_edit_config(r=8), "two different saves"),
 }
 
 
 @pytest.mark.parametrize("breaker", list(BREAKERS))
 def test_load_errors_are_clear_and_leave_the_graph_unchanged(breaker, tmp_path):
+    from fxpeft.atomic import MANIFEST_NAME
+
     src = fxpeft.rewrite(_graph("llama"), fxpeft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     fxpeft.save_adapter(src, tmp_path)
+    if breaker != "edited-after-fxpeft-save":
+        os.unlink(tmp_path / MANIFEST_NAME)  # files as another tool (PEFT, a download) leaves them: no manifest
     edit, message = BREAKERS[breaker]
     edit(tmp_path)
     gm = _graph("llama")
@@ -433,12 +443,21 @@ def test_no_pickle_on_any_load_path(tmp_path, monkeypatch):
     pm = peft.get_peft_model(copy.deepcopy(model), _lora(target_modules=["wte", "c_attn"])())
     pm.save_pretrained(str(tmp_path / "peft"))
 
+    calls = []
+
     def refuse(*a, **k):
+        calls.append(a)  # recorded as well as raised: a broad ``except`` on a load path cannot hide it
         raise AssertionError("unpickling on a load path")
 
     for target in ("pickle.load", "pickle.loads", "torch.load"):
         monkeypatch.setattr(target, refuse)
     gm = fxpeft.load_adapter(_graph("gpt2"), tmp_path / "peft")
     fxpeft.save_adapter(gm, tmp_path / "fx")
-    fxpeft.load_adapter(_graph("gpt2"), tmp_path / "fx")
-    assert pickle.load is refuse
+    again = fxpeft.load_adapter(_graph("gpt2"), tmp_path / "fx")
+    assert calls == []
+    monkeypatch.undo()
+    # the loads really loaded PEFT's adapter: both graphs compute what PEFT computes
+    ref = _run_model(pm, "gpt2")
+    assert rel_err(ref, _run_model(model, "gpt2")) > 1e-2
+    assert rel_err(_run(gm, "gpt2"), ref) <= 1e-5
+    assert torch.equal(_run(again, "gpt2"), _run(gm, "gpt2"))

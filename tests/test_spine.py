@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
@@ -12,6 +13,8 @@ from conftest import out_tensor, peft_counts, rel_err
 
 import fxpeft
 from fxpeft import zoo
+from fxpeft.tags import Role, get_tag
+from fxpeft.targeting import select_sites
 
 
 @dataclass
@@ -286,10 +289,15 @@ def test_two_adapters_on_one_site_and_partial_merge():
     gm = fxpeft.trace(model, args)
     fxpeft.rewrite(gm, fxpeft.LoraConfig(r=2, target_modules=["conv2"], init_lora_weights=False))
     fxpeft.rewrite(gm, fxpeft.LoraConfig(r=3, target_modules=["conv2", "fc"], init_lora_weights=False), adapter_name="second")
+    assert fxpeft.active_adapters(gm) == ["default"]  # as PEFT's add_adapter: added, not active
     gm.eval()
     with torch.no_grad():
+        base = model(*args)
+        y_default = gm(*args)
+        fxpeft.set_adapter(gm, ["default", "second"])
         y = gm(*args)
-    fxpeft.merge(gm, adapter_names=["second"])
+    assert rel_err(y_default, base) > 1e-3 and rel_err(y, y_default) > 1e-3  # each adapter really acts
+    fxpeft.passes.MergeAdapters(("second",))(gm)  # merge one, keep the other
     assert sorted(a.adapter_name for a in fxpeft.adapters(gm).values()) == ["default"]
     with torch.no_grad():
         assert rel_err(gm(*args), y) <= 1e-5
@@ -301,14 +309,18 @@ def test_two_adapters_on_one_site_and_partial_merge():
 def test_targeting_rules():
     model, _, kwargs = zoo.tiny_llama()
     gm = fxpeft.trace(model, kwargs=kwargs)
-    sel = fxpeft.passes.inject.select_sites
-    names = [s.name for s in sel(gm, fxpeft.LoraConfig(target_modules=["self_attn.q_proj"]), "lora")]
+    lora = fxpeft.PeftRegistry.get("lora")
+
+    def sel(cfg):
+        return [s.name for s in select_sites(gm, cfg, lora)]
+
+    names = sel(fxpeft.LoraConfig(target_modules=["self_attn.q_proj"]))
     assert names == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
-    names = [s.name for s in sel(gm, fxpeft.LoraConfig(target_modules=r".*\.1\.mlp\..*_proj"), "lora")]
+    names = sel(fxpeft.LoraConfig(target_modules=r".*\.1\.mlp\..*_proj"))
     assert names == [f"model.layers.1.mlp.{p}_proj" for p in ("gate", "up", "down")]
-    allin = [s.name for s in sel(gm, fxpeft.LoraConfig(target_modules="all-linear"), "lora")]
+    allin = sel(fxpeft.LoraConfig(target_modules="all-linear"))
     assert len(allin) == 14 and "lm_head" not in allin
-    excl = [s.name for s in sel(gm, fxpeft.LoraConfig(target_modules="all-linear", exclude_modules=["o_proj"]), "lora")]
+    excl = sel(fxpeft.LoraConfig(target_modules="all-linear", exclude_modules=["o_proj"]))
     assert len(excl) == 12 and not any(n.endswith("o_proj") for n in excl)
     fxpeft.rewrite(gm, fxpeft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                                          rank_pattern={"layers.1.self_attn.v_proj": 2}, alpha_pattern={"q_proj": 4},
@@ -339,27 +351,45 @@ def test_lean_subgraph_reads_well():
     model, _, kwargs = zoo.tiny_llama(layers=1)
     gm = fxpeft.trace(model, kwargs=kwargs)
     fxpeft.rewrite(gm, fxpeft.LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj"]))
-    roles = [n.meta["fxpeft"]["role"] for n in gm.graph.nodes if "fxpeft" in n.meta]
-    assert "dropout" not in roles and "scale" not in roles  # p = 0 and scaling = 1: no nodes for them
-    assert "model_layers_0_self_attn_q_proj_lora_B" in gm.code
+    roles = [get_tag(n).role for n in gm.graph.nodes if get_tag(n) is not None]
+    assert Role.DROPOUT not in roles  # p = 0: no dropout node
+    # the scaling is a run-time buffer (0 while the adapter is off): one read and one multiply, even at scaling 1
+    assert roles.count(Role.SCALING) == 1 and roles.count(Role.SCALE) == 1
+    assert roles.count(Role.DOWN) == roles.count(Role.UP) == roles.count(Role.OUT) == 1
+    assert len(roles) == 7  # A, B, scale buffer reads; down, scale, up, out
+    assert "model_layers_0_self_attn_q_proj_up" in gm.code and "model_layers_0_self_attn_q_proj_out" in gm.code
 
 
-def test_bf16_merge_computes_delta_in_fp32():
+@pytest.mark.parametrize("keep_base_dtype", [False, True], ids=["fp32-adapters", "keep-base-dtype"])
+def test_bf16_merge_computes_delta_in_fp32(keep_base_dtype):
     model, _, kwargs = zoo.tiny_llama()
     model.to(torch.bfloat16)
     gm = fxpeft.trace(model, kwargs=kwargs)
-    fxpeft.rewrite(gm, fxpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
-    assert all(p.dtype == torch.bfloat16 for p in gm.parameters())
+    r, alpha = 4, 8
+    fxpeft.rewrite(gm, fxpeft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "down_proj"],
+                                         init_lora_weights=False, keep_base_dtype=keep_base_dtype))
+    ads = fxpeft.adapters(gm)
+    adapter_params = {id(p) for a in ads.values() for p in a.parameters()}
+    assert all(p.dtype == torch.bfloat16 for p in gm.parameters() if id(p) not in adapter_params)
+    # PEFT's autocast_adapter_dtype: fp32 adapters on a bf16 base, with casts in the graph; or the base dtype
+    want_dtype = torch.bfloat16 if keep_base_dtype else torch.float32
+    assert adapter_params and all(p.dtype == want_dtype for a in ads.values() for p in a.parameters())
+    casts = [n for n in gm.graph.nodes if get_tag(n) is not None and get_tag(n).role is Role.CAST]
+    assert bool(casts) != keep_base_dtype
     site = fxpeft.find_sites(gm)["model.layers.0.mlp.down_proj"]
-    adapter = next(a for a in fxpeft.adapters(gm).values() if a.site_name == site.name)
-    w = gm.get_parameter(site.weight)
-    want = (w.float() + adapter.delta_weight(site)).to(torch.bfloat16)  # fp32 delta, one rounding at the end
+    adapter = next(a for a in ads.values() if a.site_name == site.name)
+    w = gm.get_parameter(site.weight).detach().clone()
+    # the fp32 delta B @ A * alpha / r, computed here, with one rounding to bf16 at the end
+    want = (w.float() + (adapter.B.detach().float() @ adapter.A.detach().float()) * (alpha / r)).to(torch.bfloat16)
+    assert not torch.equal(want, w)
     ids = kwargs["input_ids"]
     with torch.no_grad():
         unmerged = gm(input_ids=ids).logits.float()
+    assert gm(input_ids=ids).logits.dtype == torch.bfloat16  # the casts give the base's dtype back
     fxpeft.merge(gm)
+    assert not fxpeft.adapters(gm)
     assert gm.get_parameter(site.weight).dtype == torch.bfloat16
-    assert torch.equal(gm.get_parameter(site.weight), want)
+    torch.testing.assert_close(gm.get_parameter(site.weight), want, rtol=0, atol=0)
     with torch.no_grad():
         assert rel_err(gm(input_ids=ids).logits.float(), unmerged) <= 2e-2  # bf16 rounding of the weights
 
@@ -376,3 +406,157 @@ def test_peft_config_objects_are_accepted_and_batch_one_warns():
         fxpeft.rewrite(fxpeft.trace(model, kwargs=kwargs), peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
     with pytest.warns(UserWarning, match="size-1 dims"):
         fxpeft.trace(model, kwargs={"input_ids": kwargs["input_ids"][:1], "use_cache": False})
+
+
+# ------------------------------------------------------------------------------------------- regressions
+
+
+class KeywordCalls(torch.nn.Module):
+    """Calls F.linear / F.conv2d with keyword arguments only: a symbolic graph keeps them as node kwargs."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(8, 6) * 0.3)
+        self.b = torch.nn.Parameter(torch.randn(8) * 0.1)
+        self.k = torch.nn.Parameter(torch.randn(5, 3, 3, 3) * 0.2)
+
+    def forward(self, x, img):
+        return (torch.nn.functional.linear(input=x, weight=self.w, bias=self.b),
+                torch.nn.functional.conv2d(input=img, weight=self.k, padding=1))
+
+
+def test_keyword_argument_sites_in_a_symbolic_graph():
+    F = torch.nn.functional
+    torch.manual_seed(0)
+    model = KeywordCalls()
+    x, img = torch.randn(4, 6), torch.randn(2, 3, 7, 7)
+    want = model(x, img)
+    gm = fxpeft.trace(model)
+    sites = fxpeft.find_sites(gm)
+    assert {n: s.kind for n, s in sites.items()} == {"w": "linear", "k": "conv"}
+    assert all(c.node.kwargs and c.input_pos == "input" for s in sites.values() for c in s.calls)
+
+    fxpeft.rewrite(gm, fxpeft.LoraConfig(r=2, lora_alpha=4, target_modules=["w", "k"]))
+    gm.graph.lint()
+    got = gm(x, img)
+    assert len(fxpeft.adapters(gm)) == 2
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])  # zero-initialised B: exactly the base
+
+    gm = fxpeft.rewrite(fxpeft.trace(model), fxpeft.LoraConfig(r=2, lora_alpha=4, target_modules=["w", "k"],
+                                                                init_lora_weights=False))
+    ad = {a.site_name: a for a in fxpeft.adapters(gm).values()}
+    with torch.no_grad():
+        unmerged = gm(x, img)
+        eager = (F.linear(x, model.w, model.b) + F.linear(F.linear(x, ad["w"].A), ad["w"].B) * 2.0,
+                 F.conv2d(img, model.k, padding=1) + F.conv2d(F.conv2d(img, ad["k"].A, padding=1), ad["k"].B) * 2.0)
+    for u, e, base in zip(unmerged, eager, want):
+        assert rel_err(u, base) > 1e-3
+        assert rel_err(u, e) <= 1e-6
+    fxpeft.merge(gm)
+    gm.graph.lint()
+    assert not fxpeft.adapters(gm)
+    with torch.no_grad():
+        for m, u in zip(gm(x, img), unmerged):
+            assert rel_err(m, u) <= 1e-5
+
+
+def _smollm2_style():
+    """A tiny LlamaForCausalLM with tied input/output embeddings, as SmolLM2 ships."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval(), {"input_ids": torch.randint(0, 128, (2, 10)), "use_cache": False}
+
+
+def _token_embedding_weights(gm, shape) -> list[torch.Tensor]:
+    """The weights the graph's token embeddings read (GPT-2's position embedding has another shape)."""
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.embedding.default]
+    return [w for n in nodes if (w := gm.get_parameter(n.args[0].target)).shape == shape]
+
+
+@pytest.mark.parametrize("name", ["smollm2", "gpt2"])
+def test_lora_on_tied_lm_head_merges_and_exports(name, tmp_path):
+    if name == "smollm2":
+        model, kwargs = _smollm2_style()
+    else:
+        model, _, kwargs = zoo.tiny_gpt2(layers=1)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied
+    emb_before = model.get_input_embeddings().weight.detach().clone()
+    ids = kwargs["input_ids"]
+    gm = fxpeft.trace(model, kwargs=kwargs)
+    fxpeft.rewrite(gm, fxpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"], init_lora_weights=False))
+    assert [a.site_name for a in fxpeft.adapters(gm).values()] == ["lm_head"]
+    gm.eval()
+    with torch.no_grad():
+        unmerged = gm(input_ids=ids).logits
+        assert rel_err(unmerged, model(**kwargs).logits) > 1e-3
+    with pytest.warns(UserWarning, match="tied"):
+        fxpeft.merge(gm)
+    (w,) = _token_embedding_weights(gm, emb_before.shape)
+    assert torch.equal(w, emb_before)  # the graph's input embedding
+    assert torch.equal(model.get_input_embeddings().weight, emb_before)  # and the model's, which shares it
+    with torch.no_grad():
+        assert rel_err(gm(input_ids=ids).logits, unmerged) <= 1e-5
+
+    path = tmp_path / "merged.pt2"
+    fxpeft.export(gm, path, kwargs=kwargs)
+    loaded = torch.export.load(str(path)).module()
+    with torch.no_grad():
+        assert rel_err(loaded(**kwargs).logits, unmerged) <= 1e-5
+    (w,) = _token_embedding_weights(loaded, emb_before.shape)
+    assert torch.equal(w, emb_before)
+
+
+@pytest.mark.parametrize("name", ["cnn", "mlp"])
+@pytest.mark.parametrize("symbolic", [False, True], ids=["export", "fx"])
+def test_all_linear_on_plain_modules_adapts_every_linear(name, symbolic):
+    import peft
+
+    if name == "cnn":
+        model, args, _ = zoo.cnn()
+    else:
+        torch.manual_seed(0)
+        model, args = torch.nn.Sequential(torch.nn.Linear(6, 3)).eval(), (torch.randn(4, 6),)
+    gm = fxpeft.trace(model) if symbolic else fxpeft.trace(model, args)
+    fxpeft.rewrite(gm, fxpeft.LoraConfig(r=2, target_modules="all-linear"))
+    got = {a.site_name for a in fxpeft.adapters(gm).values()}
+    assert got == {"cnn": {"fc"}, "mlp": {"0"}}[name]  # the output linear too: these are no transformers models
+    cfg = peft.LoraConfig(r=2, target_modules="all-linear")
+    pm = peft.get_peft_model(copy.deepcopy(model), cfg)
+    assert set(pm.targeted_module_names) == got
+    assert fxpeft.get_nb_trainable_parameters(gm) == pm.get_nb_trainable_parameters()
+    with torch.no_grad():
+        assert torch.equal(gm(*args), model(*args))
+
+
+@pytest.mark.parametrize("symbolic", [False, True], ids=["export", "fx"])
+def test_stacked_adapters_merge_or_remove_the_outer_one_keeps_the_inner(symbolic):
+    F = torch.nn.functional
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4)).eval()
+    x = torch.randn(3, 6)
+    w0, b0 = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    gm = fxpeft.trace(model) if symbolic else fxpeft.trace(model, (x,))
+    fxpeft.rewrite(gm, fxpeft.LoraConfig(r=2, lora_alpha=4, target_modules=["0"], init_lora_weights=False), "a")
+    fxpeft.rewrite(gm, fxpeft.LoraConfig(r=3, lora_alpha=3, target_modules=["0"], init_lora_weights=False), "b")
+    fxpeft.set_adapter(gm, ["a", "b"])
+    ad = {a.adapter_name: a for a in fxpeft.adapters(gm).values()}
+    with torch.no_grad():
+        da = ad["a"].B @ ad["a"].A * 2.0
+        db = ad["b"].B @ ad["b"].A * 1.0
+        assert rel_err(gm(x), F.linear(x, w0 + da + db, b0)) <= 1e-6
+        fxpeft.passes.MergeAdapters(("a",))(gm)  # the adapter inserted first: "b"'s OUT node sits between
+        assert [a.adapter_name for a in fxpeft.adapters(gm).values()] == ["b"]
+        assert rel_err(gm(x), F.linear(x, w0 + da + db, b0)) <= 1e-6
+        fxpeft.passes.RemoveAdapters(("b",))(gm)
+        assert not fxpeft.adapters(gm)
+        assert rel_err(gm(x), F.linear(x, w0 + da, b0)) <= 1e-6
+    gm2 = fxpeft.trace(model) if symbolic else fxpeft.trace(model, (x,))
+    code = gm2.code
+    fxpeft.rewrite(gm2, fxpeft.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False), "a")
+    fxpeft.rewrite(gm2, fxpeft.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False), "b")
+    fxpeft.passes.RemoveAdapters(("a",))(gm2)
+    fxpeft.passes.RemoveAdapters(("b",))(gm2)
+    assert gm2.code == code  # the exact inverse, in either order

@@ -56,7 +56,8 @@ def table(f: dict) -> str:
     rows = [f"Drawing `tiny_llama(layers={f['layers']})` after LoRA on {', '.join(TARGETS)} "
             f"({f['sites']} sites, {f['fx_nodes']} FX nodes) to SVG ({cpu}; `python tools/readme_pictures.py`):",
             "", "| `fxpeft.draw` | render time (first call / best of 3) | SVG size |", "|---|---|---|"]
-    for key, label in (("folded", "default (the 16 layers drawn once, ×16)"), ("unfolded", "`fold_repeats=False`")):
+    for key, label in (("folded", f"default (the {f['layers']} layers drawn once, ×{f['layers']})"),
+                       ("unfolded", "`fold_repeats=False`")):
         x = f[key]
         rows.append(f"| {label} | {x['first_s']:.2f} s / {x['best_s']:.2f} s | {x['svg_kB']:.0f} kB |")
     return "\n".join(rows) + "\n"
