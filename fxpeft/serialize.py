@@ -274,6 +274,10 @@ else:
 def _shape_error(message: str, reasons: dict[str, str]) -> InputShapeError:
     """Turn torch.export's ``Guard failed: input_ids.size()[0] == 1`` into a message with the dim and the reason."""
     m = re.search(r"(\w+)\.size\(\)\[(\d+)\]\s*==\s*(\d+)", message)
+    value = re.search(r"Guard failed: (\w+) == (.+)$", message.strip())
+    if m is None and value is not None:  # a non-tensor input torch.export baked in (use_cache=False)
+        return InputShapeError(f"input {value.group(1)} must be {value.group(2)}: torch.export baked the value it had "
+                               "at trace time into the graph; call it with that value, or re-trace with the other one")
     if m is None:
         return InputShapeError(f"the inputs do not fit the traced graph ({message}); call it as it was traced, or "
                                "re-trace with example inputs of the shapes you need")
