@@ -61,8 +61,9 @@ MAX_GROUP_DEPTH = 100
 """Deepest nesting of parentheses accepted: Python's parser (and the NFA builder) recurse once per level."""
 
 # Memory bound of the lazily built DFAs, in "slots": one per cached move, one plus the NFA-set size per DFA state
-# (about 50-130 bytes each: at most ~250 MB in all). A pattern past its own cap, or any pattern while all of them together are past the
-# total, drops its cache: answers stay the same, only a step costs O(NFA size) again until it is rebuilt.
+# (50-130 bytes each, so at most ~250 MB in all). A pattern past its own cap, or any pattern while all of them
+# together are past the total, drops its cache: answers stay the same, only a step costs O(NFA size) again until
+# the cache is rebuilt.
 _DFA_SLOTS_PER_PATTERN = 250_000
 _DFA_SLOTS_TOTAL = 2_000_000
 _dfa_slots_in_use = [0]  # all live patterns together; a pattern's share is released when it is dropped or freed
@@ -197,7 +198,12 @@ def _assertion(at: Any, flags: int) -> Callable[[str, int], bool]:
 
     if at is _c.AT_BOUNDARY:
         return lambda t, i: _B_ON_EMPTY if not t else boundary(t, i)
+    assert at is _c.AT_NON_BOUNDARY, at  # the builder refuses every other AT code first
     return lambda t, i: _NB_ON_EMPTY if not t else not boundary(t, i)
+
+
+# What the parser emits for ^ \A $ \Z \b \B (flags such as MULTILINE are applied later, by the compiler).
+_KNOWN_AT = (_c.AT_BEGINNING, _c.AT_BEGINNING_STRING, _c.AT_END, _c.AT_END_STRING, _c.AT_BOUNDARY, _c.AT_NON_BOUNDARY)
 
 
 def _combine_flags(flags: int, add: int, remove: int) -> int:
@@ -259,7 +265,7 @@ class _NFABuilder:
         raise _refuse(self.field, self.shown, _REFUSED.get(op, f"an operation fxpeft does not support ({op})"))
 
     def repeat(self, lo: int, hi: int, body: Any, flags: int, nxt: int) -> int:
-        if hi is _c.MAXREPEAT or hi == _c.MAXREPEAT:
+        if hi == _c.MAXREPEAT:  # unbounded: *, + or {m,}
             start = loop = self.new(_SPLIT, None, -1, nxt)  # loop: one more copy of body, or leave
             loop_body = self.seq(body, flags, loop)
             self.states[loop][2] = loop_body
@@ -281,6 +287,8 @@ class _NFABuilder:
         return self._atom_ids[key]
 
     def assertion(self, at: Any, flags: int) -> int:
+        if at not in _KNOWN_AT:
+            raise _refuse(self.field, self.shown, f"an assertion fxpeft does not support ({at})")
         key = (at, flags & (re.MULTILINE | re.ASCII))
         if key not in self._assert_ids:
             self._assert_ids[key] = len(self.asserts)
@@ -471,9 +479,10 @@ def _parse(pattern: str, field: str, shown: str) -> Any:
     try:
         return _sre_parse.parse(pattern)
     except (re.error, OverflowError, RecursionError) as exc:
+        where = "" if pattern == shown else f" inside PEFT's template {_quote(pattern)}"
         raise ConfigError(
-            f"{field}: {_quote(shown)} is not a valid Python regex ({exc}); fix the pattern (PEFT applies it with "
-            "Python's re module) or list the module names instead."
+            f"{field}: {_quote(shown)} is not a valid Python regex ({exc}{where}); fix the pattern (PEFT applies "
+            "it with Python's re module) or list the module names instead."
         ) from None
 
 
