@@ -244,6 +244,9 @@ def save_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_name:
     shapes = _check_round_trip(gm, method, config, mods, sites)
     tensors = {f"{_PREFIX}{n}.{k}": t.detach().to("cpu").reshape(shapes[n][k]).contiguous().clone()
                for n, m in mods.items() for k, t in method.site_tensors(m, sites[n]).items()}
+    shared = getattr(gm, Method.shared_path(method.name, adapter_name), None)
+    if shared is not None:  # state every site of the adapter reads (VeRA's matrices), under the method's keys
+        tensors.update({k: t.detach().to("cpu").contiguous().clone() for k, t in method.shared_tensors(shared).items()})
     _warn_differences(method, [sites[n] for n in mods], "save_adapter")
     _commit(_prepare_dir(directory), [(WEIGHTS_NAME, _tensor_writer(tensors)),
                                       (CONFIG_NAME, _text_writer(json.dumps(config, indent=2, sort_keys=True) + "\n"))])
@@ -359,6 +362,17 @@ def _match_tensors(tensors: dict[str, torch.Tensor], shapes: dict[str, dict[str,
     return by_site, base
 
 
+def _take_shared(tensors: dict[str, torch.Tensor], want: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Take the method's shared-state tensors out of the file's (checked: every key there, every shape right)."""
+    missing = [k for k in want if k not in tensors]
+    wrong = [f"{k}: file {tuple(tensors[k].shape)}, expected {s}" for k, s in want.items()
+             if k in tensors and tuple(tensors[k].shape) != tuple(s)]
+    if missing or wrong:
+        raise AdapterFileError(f"the adapter file's shared tensors do not fit: missing {_few(missing)}; "
+                               f"mismatched {_few(wrong)}. Nothing was changed")
+    return {k: tensors.pop(k) for k in want}
+
+
 def _get_param(gm: nn.Module, name: str):
     try:
         return gm.get_parameter(name)
@@ -433,6 +447,7 @@ def load_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_name:
     except TargetError as e:
         raise AdapterFileError(f"{CONFIG_NAME} does not fit this graph (the adapter of another architecture?): {e}") from e
     shapes = {s.name: method.site_shapes(fx_config, s) for s in chosen}
+    shared = _take_shared(tensors, method.shared_shapes(fx_config, chosen))
     by_site, base = _match_tensors(tensors, shapes, method.refused_keys(), gm, sites)
     _warn_differences(method, chosen, "load_adapter")
     exact = dataclasses.replace(fx_config, target_modules=_exact_regex(shapes), exclude_modules=None)
@@ -442,6 +457,8 @@ def load_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_name:
         mods = {m.site_name: m for m in adapter_modules(gm).values() if m.adapter_name == adapter_name}
         for name in shapes:
             method.load_site_tensors(mods[name], sites[name], by_site[name])
+        if shared:
+            method.load_shared_tensors(getattr(gm, Method.shared_path(method.name, adapter_name)), shared)
         changed = _load_base(gm, base, txn)
     if changed:
         warnings.warn(f"load_adapter: the adapter directory carries its own base weights for {changed} (PEFT's "

@@ -154,7 +154,10 @@ class Emit:
         return self._node("call_module", f"{self.tag.module}.{sub}", args, {}, role)
 
     def weight(self) -> fx.Node:
-        """The site's base weight as a graph value, in its stored layout (``site.fan_in_fan_out`` says which)."""
+        """The site's base weight as a graph value, in its stored layout (``site.fan_in_fan_out`` says which):
+        the call's own weight node where it has one, else a new read of the parameter."""
+        if self.call.weight_node is not None:
+            return self.call.weight_node
         return self._node("get_attr", self.site.weight, (), {}, Role.BASE_WEIGHT)
 
     def bias(self) -> fx.Node | None:
@@ -171,9 +174,31 @@ class Emit:
         y.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out and not _inside(user, self.tag))
 
     def replace_input(self, old: fx.Node, new: fx.Node) -> None:
-        """Make the call (or its weight's transpose) read ``new`` where it read ``old`` (its input or weight)."""
-        for user in {self.call.node, self.call.weight_user} - {None}:
+        """Make the call (or its weight's transpose) read ``new`` where it read ``old`` (its input or weight).
+
+        ``new`` and the nodes of this adapter it depends on move before the call, wherever they were built.
+        """
+        users = [u for u in (self.call.weight_user, self.call.node) if u is not None]
+        first = users[0]  # a weight's transpose comes before the call
+        for node in self._own_ancestors(new):  # a topological order: each after what it reads
+            first.prepend(node)
+        for user in dict.fromkeys(users):
             user.replace_input_with(old, new)
+
+    def _own_ancestors(self, node: fx.Node) -> list[fx.Node]:
+        order: list[fx.Node] = []
+        seen: set[fx.Node] = set()
+
+        def visit(n: fx.Node) -> None:
+            if n in seen or not _inside(n, self.tag):
+                return
+            seen.add(n)
+            for a in n.all_input_nodes:
+                visit(a)
+            order.append(n)
+
+        visit(node)
+        return order
 
 
 def _inside(node: fx.Node, tag: AdapterTag) -> bool:
@@ -236,13 +261,29 @@ class Method:
                      device: torch.device) -> nn.Module | None:
         """State shared by every site of one adapter (VeRA's frozen matrices, a prompt table), or None.
 
-        It lives at :meth:`shared_path` and is read in the graph with :meth:`Emit.shared`.
+        It lives at :meth:`shared_path` and is read in the graph with :meth:`Emit.shared`. The base freeze
+        leaves its parameters' ``requires_grad`` as the method set it; it goes with the adapter's last site,
+        and files carry it through :meth:`shared_tensors` / :meth:`load_shared_tensors`.
         """
         return None
 
     @staticmethod
     def shared_path(method: str, adapter_name: str) -> str:
-        return f"fxpeft_shared_{method}_{adapter_name}"
+        return f"fxpeft_shared_{method}_{adapter_name}".replace(".", "_")
+
+    @classmethod
+    def shared_shapes(cls, config: Any, sites: list[Site]) -> dict[str, tuple[int, ...]]:
+        """The file's tensors for the shared state: full key (``base_model.vera_A``) -> shape."""
+        return {}
+
+    @classmethod
+    def shared_tensors(cls, shared: nn.Module) -> dict[str, torch.Tensor]:
+        """The shared state's tensors for a file, under the keys of :meth:`shared_shapes`."""
+        return {}
+
+    @classmethod
+    def load_shared_tensors(cls, shared: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy checked tensors (keys and shapes of :meth:`shared_shapes`) into the shared state."""
 
     @classmethod
     def build(cls, site: Site, config: Any, adapter_name: str, weight: torch.Tensor) -> AdapterModule:
@@ -415,6 +456,11 @@ class PeftRegistry:
             return method
 
         return deco
+
+    @classmethod
+    def unregister(cls, name: str) -> None:
+        """Remove a registered method (for tests and notebooks that redefine one)."""
+        cls._methods.pop(name, None)
 
     @classmethod
     def get(cls, name: str) -> type[Method]:

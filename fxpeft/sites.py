@@ -134,12 +134,23 @@ def _attr(gm: fx.GraphModule, target: str):
         return None
 
 
+def _see_through(arg):
+    """The base value behind an adapter that replaced a call's weight (``W' = f(W)``), and the adapter node
+    that reads it; ``(arg, None)`` when no adapter stands there."""
+    reader = None
+    while isinstance(arg, fx.Node) and (tag := get_tag(arg)) is not None and tag.replaces is not None:
+        reader, arg = arg, arg.args[tag.replaces]
+    return arg, reader
+
+
 def _param_arg(gm: fx.GraphModule, arg) -> tuple[fx.Node, fx.Node | None, bool] | None:
-    """If ``arg`` is a parameter (or its transpose), return (get_attr node, transpose node, transposed)."""
+    """If ``arg`` is a parameter (or its transpose), return (get_attr node, the node that reads it when that is
+    not the call: a transpose, or an adapter standing in for the weight, transposed)."""
+    arg, reader = _see_through(arg)
     if not isinstance(arg, fx.Node):
         return None
     if arg.op == "get_attr" and isinstance(_attr(gm, arg.target), nn.Parameter):
-        return arg, None, False
+        return arg, reader, False
     src = None
     if arg.op == "call_function" and arg.target in _TRANSPOSES:
         src = arg.args[0]
