@@ -155,8 +155,8 @@ def _folded(gm: fx.GraphModule, site: Site, group: list[AdapterModule]):
 
 
 def _write(gm: fx.GraphModule, sites: dict[str, Site], plan: dict[str, list[AdapterModule]], txn: Transaction) -> None:
-    """Write merged weights in place, one site at a time (peak extra memory: one weight in fp32, plus the
-    transaction's copy of what it overwrites); a weight tied to another call site is untied instead."""
+    """Give each merged parameter its merged data, one site at a time (the old data is kept, by reference, until
+    the transaction ends, so a failure puts it back); a weight tied to another call site is untied instead."""
     readers = _readers_index(gm)
     for name, group in plan.items():
         site = sites[name]
@@ -168,9 +168,7 @@ def _write(gm: fx.GraphModule, sites: dict[str, Site], plan: dict[str, list[Adap
             warnings.warn(f"merge: {site.name!r} shares its weight with another call site (tied weights); "
                           f"the merged weight is a new parameter {where!r} and the other site is unchanged")
         else:
-            txn.will_write(weight)
-            weight.copy_(w.to(weight.dtype))
+            txn.replace_data(weight, w.to(weight.dtype))
         if bias is not None and b is not None:
-            txn.will_write(bias)
-            bias.copy_(b.to(bias.dtype))
+            txn.replace_data(bias, b.to(bias.dtype))
         del w, b
