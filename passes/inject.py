@@ -56,15 +56,16 @@ def freeze_base(gm: torch.nn.Module) -> None:
     """Make the parameters of active adapters trainable and every other parameter frozen. The first call
     records each base parameter's flag in the graph info, so removing the last adapter restores them."""
     adapters = [m for m in gm.modules() if isinstance(m, AdapterModule)]
-    shared = [getattr(gm, Method.shared_path(m.method, m.adapter_name), None) for m in adapters]
-    adapter_params = {id(p) for m in adapters + [s for s in shared if s is not None] for p in m.parameters()}
+    shared = {id(p) for m in adapters if (s := getattr(gm, Method.shared_path(m.method, m.adapter_name), None))
+              is not None for p in s.parameters()}
+    own = {id(p) for m in adapters for p in m.parameters()}
     trainable = {id(p) for m in adapters if m.enabled for p in m.parameters()}
     info = graph_info(gm)
     if info.frozen is None:
-        info.frozen = {n: p.requires_grad for n, p in gm.named_parameters() if id(p) not in adapter_params}
+        info.frozen = {n: p.requires_grad for n, p in gm.named_parameters() if id(p) not in own | shared}
         set_graph_info(gm, info)
     for p in gm.parameters():
-        if id(p) in trainable or id(p) not in adapter_params:  # shared state keeps the method's own flags
+        if id(p) not in shared:  # shared state keeps the flags its method gave it (VeRA's frozen matrices)
             p.requires_grad_(id(p) in trainable)
 
 
