@@ -24,7 +24,7 @@ from torch import fx, nn
 
 from .errors import AdapterFileError, ConfigError
 from .sites import Call, Site
-from .tags import AdapterTag, Role, set_tag
+from .tags import AdapterTag, Role, get_tag, set_tag
 
 __all__ = ["PeftRegistry", "Method", "AdapterModule", "PeftConfigBase", "Emit", "fx_callable"]
 
@@ -202,8 +202,6 @@ class Emit:
 
 
 def _inside(node: fx.Node, tag: AdapterTag) -> bool:
-    from .tags import get_tag
-
     other = get_tag(node)
     return other is not None and other.module == tag.module
 

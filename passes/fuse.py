@@ -187,7 +187,6 @@ class FuseLowRankSiblings:
 
 
 def _unfuse_group(gm: fx.GraphModule, cat: fx.Node) -> None:
-    lead = get_tag(cat)
     down = next(u for u in cat.users if get_tag(u).role is Role.DOWN)
     h, shared = down.args[0], [cat, down]
     dropout = h if get_tag(h) is not None and get_tag(h).role is Role.DROPOUT else None

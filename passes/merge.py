@@ -1,8 +1,10 @@
 """The merge pass: fold every adapter into its base weight and remove its nodes and modules.
 
 Checks run on every site before any weight is written: each merged weight is computed in fp32 and must
-be finite. Only then are weights written in place (cast back to their dtype), one site at a time, so the
-peak extra memory is one weight in fp32, never a second copy of the model.
+be finite. Only then does each merged parameter get its merged data (cast back to its dtype), one site at a
+time. The pass is atomic: the old data of every merged parameter is kept (by reference, no copy is made)
+until the pass ends, so a failure half-way puts it all back. Peak extra memory is therefore the size of the
+*merged* weights (not the whole model), plus one weight in fp32.
 
 A weight shared with another call site (tied embedding / lm_head) is never changed under the other site:
 the merged site gets its own copy, with a warning.

@@ -3,7 +3,8 @@
 :func:`transaction` snapshots what a pass can change, cheaply (references, not tensors): the node order and
 every node's arguments, each module's parameter / buffer / submodule tables, ``requires_grad`` flags and the
 graph's info record. Tensors a pass writes in place are registered with :meth:`Transaction.will_write`,
-which keeps a copy of their data until the pass commits.
+which keeps a copy of their data until the pass commits; :meth:`Transaction.replace_data` swaps a
+parameter's data and keeps the old data by reference (no copy).
 """
 
 from __future__ import annotations

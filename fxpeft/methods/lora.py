@@ -250,7 +250,8 @@ class Lora(Method):
     @classmethod
     def insert(cls, emit: Emit, site: Site, adapter: LoraAdapter) -> None:
         x, y = emit.call.input, emit.call.node
-        cast = adapter.A.dtype != emit.gm.get_parameter(site.weight).dtype
+        base_dtype = emit.gm.get_parameter(site.weight).dtype
+        cast = adapter.A.dtype != base_dtype
         A, B = emit.param("A", Role.DOWN_WEIGHT), emit.param("B", Role.UP_WEIGHT)
         if site.kind == "embedding":
             table = emit.op(aten.t.default, A, role=Role.COMPUTE)  # [r, num] -> [num, r]
@@ -277,7 +278,7 @@ class Lora(Method):
             b = emit.op(aten.linear.default, a, B, role=Role.UP)  # [..., out]
         if cast:  # PEFT adds in the adapter's dtype, then casts the sum back: one rounding
             total = emit.op(aten.add.Tensor, y, b, role=Role.COMPUTE, replaces=0)
-            out = emit.cast(total, emit.gm.get_parameter(site.weight).dtype, role=Role.OUT, replaces=0)
+            out = emit.cast(total, base_dtype, role=Role.OUT, replaces=0)
         else:
             out = emit.op(aten.add.Tensor, y, b, role=Role.OUT, replaces=0)
         emit.replace_output(out)

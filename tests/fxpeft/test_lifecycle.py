@@ -4,7 +4,6 @@ PyTorch on a functional model."""
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
