@@ -21,6 +21,7 @@ from .api import (
     rewrite,
     trace,
 )
+from .combine import add_weighted_adapter
 from .errors import (
     AdapterExistsError,
     AdapterFileError,
@@ -47,6 +48,7 @@ from .lifecycle import (
     unload,
     unmerge_adapter,
 )
+from .mixed import adapter_index, export_mixed_batch, mixed_batch
 from .io import config_from_peft, hotswap_adapter, load_adapter, prepare_for_hotswap, save_adapter, save_merged
 from .methods import IA3Config, LoraConfig
 from .registry import AdapterModule, Emit, Method, PeftConfigBase, PeftRegistry
@@ -68,6 +70,10 @@ __all__ = [
     "merge_adapter",
     "unmerge_adapter",
     "unload",
+    "mixed_batch",
+    "adapter_index",
+    "export_mixed_batch",
+    "add_weighted_adapter",
     "export",
     "save_adapter",
     "config_from_peft",

@@ -27,7 +27,7 @@ from torch import fx
 
 from .errors import ConfigError
 from .passes import FoldAdapters, MergeAdapters, RemoveAdapters
-from .passes.inject import adapter_modules
+from .passes.inject import adapter_modules, ordered_names
 from .passes.remove import select_adapters
 from .passes.transaction import transaction
 
@@ -55,7 +55,7 @@ def adapter_names(gm: fx.GraphModule) -> list[str]:
         >>> fxpeft.adapter_names(fxpeft.rewrite(gm, fxpeft.LoraConfig(r=2, target_modules=["0"]), "svd-rank6"))
         ['default', 'svd-rank6']
     """
-    return list(dict.fromkeys(m.adapter_name for m in adapter_modules(gm).values()))
+    return ordered_names(adapter_modules(gm).values())
 
 
 def active_adapters(gm: fx.GraphModule) -> list[str]:
@@ -69,7 +69,7 @@ def active_adapters(gm: fx.GraphModule) -> list[str]:
         >>> fxpeft.active_adapters(gm)
         ['default']
     """
-    return list(dict.fromkeys(m.adapter_name for m in adapter_modules(gm).values() if m.enabled))
+    return ordered_names(m for m in adapter_modules(gm).values() if m.enabled)
 
 
 def set_adapter(gm: fx.GraphModule, adapter_name: str | list[str]) -> None:

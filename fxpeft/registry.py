@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import fx, nn
 
-from .errors import AdapterFileError, ConfigError
+from .errors import AdapterFileError, ConfigError, UnsupportedSiteError
 from .sites import Call, Site
 from .tags import AdapterTag, Role, get_tag, set_tag
 
@@ -66,6 +66,7 @@ class AdapterModule(nn.Module):
         self.adapter_name = adapter_name
         self.enabled = True   # chosen by the user: set_adapter / disable_adapters
         self.merged = False   # folded into the base weight (merge_adapter): the graph must not add it again
+        self.order = 0        # when its adapter joined the graph (set on insertion): names list in that order
         self.register_buffer("gate", torch.ones((), dtype=torch.bool), persistent=False)
 
     @property
@@ -125,6 +126,12 @@ class Emit:
 
     def __init__(self, gm: fx.GraphModule, tag: AdapterTag, call: Call, site: Site, export: bool) -> None:
         self.gm, self.graph, self.tag, self.call, self.site, self.export = gm, gm.graph, tag, call, site, export
+        #: the mixed-batch row index (``int64 [batch]``: row ``b`` uses ``slots[index[b]]``); None in one-adapter graphs
+        self.index: fx.Node | None = None
+        #: the graph input whose dim 0 is the batch (mixed-batch graphs only)
+        self.batch_source: fx.Node | None = None
+        #: ``id(adapter module) -> its path`` (mixed-batch graphs only, for :meth:`param_of`)
+        self.paths: dict[int, str] = {}
 
     def _node(self, op: str, target, args, kwargs, role: Role, replaces: int | None = None) -> fx.Node:
         # Names like ``q_proj_down`` make gm.code read as the adapter it is.
@@ -145,6 +152,16 @@ class Emit:
         """Read a parameter or buffer of this adapter's submodule."""
         return self._node("get_attr", f"{self.tag.module}.{attr}", (), {}, role)
 
+    def param_of(self, adapter: AdapterModule, attr: str, role: Role = Role.PARAM) -> fx.Node:
+        """Read a parameter or buffer of another adapter's submodule (a mixed batch reads every adapter's)."""
+        return self._node("get_attr", f"{self.paths[id(adapter)]}.{attr}", (), {}, role)
+
+    def rows(self, x: fx.Node, width: int) -> fx.Node:
+        """``x`` seen as ``[batch, rows, width]`` (mixed-batch graphs): a site's input holds each batch element's
+        rows together (``[B, T, in]``, or ``[B*T, in]`` for an ``addmm`` on flattened tokens)."""
+        batch = self.op(torch.ops.aten.sym_size.int, self.batch_source, 0)
+        return self.op(torch.ops.aten.reshape.default, x, [batch, -1, width])  # [B, L, width]
+
     def shared(self, attr: str, role: Role = Role.PARAM) -> fx.Node:
         """Read a tensor of the method's state shared by every site of this adapter (see :meth:`Method.shared_state`)."""
         return self._node("get_attr", f"{Method.shared_path(self.tag.method, self.tag.adapter)}.{attr}", (), {}, role)
@@ -152,6 +169,12 @@ class Emit:
     def module(self, sub: str, *args, role: Role = Role.COMPUTE) -> fx.Node:
         """Call a submodule of this adapter's submodule (a dropout, so ``train()``/``eval()`` switches it)."""
         return self._node("call_module", f"{self.tag.module}.{sub}", args, {}, role)
+
+    def add_module(self, name: str, module: nn.Module, *args, role: Role = Role.COMPUTE) -> fx.Node:
+        """Give the graph module a helper submodule next to this adapter's (``<adapter path>_<name>``), and call it."""
+        path = f"{self.tag.module}_{name}"
+        self.gm.add_submodule(path, module)
+        return self._node("call_module", path, args, {}, role)
 
     def weight(self) -> fx.Node:
         """The site's base weight as a graph value, in its stored layout (``site.fan_in_fan_out`` says which):
@@ -299,6 +322,16 @@ class Method:
         raise NotImplementedError
 
     @classmethod
+    def insert_mixed(cls, emit: Emit, site: Site, slots: list[AdapterModule | None]) -> None:
+        """Insert a mixed-batch form at ``emit.call``: batch row ``b`` gets the adapter ``slots[emit.index[b]]``
+        (None: no adapter of this method at this site, the base output). Its cost should not grow with
+        ``len(slots)``: gather each row's parameters rather than looping over adapters. Wire the result in with
+        :meth:`Emit.replace_output` (tagged ``Role.OUT``, ``replaces=0``).
+        """
+        raise UnsupportedSiteError(f"{cls.display_name or cls.name} adapters have no mixed-batch form; "
+                                   "serve one adapter per batch (fxpeft.set_adapter) or merge it")
+
+    @classmethod
     def fold(cls, adapter: AdapterModule, site: Site, weight: torch.Tensor, bias: torch.Tensor | None):
         """Fold the adapter into fp32 copies of the base weight/bias; return ``(weight, bias)``."""
         raise NotImplementedError
@@ -383,6 +416,29 @@ class Method:
         set, and checks each value's type against the dataclass annotation.
         """
         return config_from_fields(cls, fields)
+
+    # ---------------------------------------------------------------------------------------- weighted merges
+    @classmethod
+    def combine(cls, sources: list[dict[str, AdapterModule]], weights: list[float], combination: Any,
+                sites: dict[str, Site]) -> tuple[Any, dict[str, dict[str, torch.Tensor]]]:
+        """Plan a weighted combination of this method's adapters (:func:`fxpeft.add_weighted_adapter`).
+
+        Args:
+            sources: per combined adapter (in the caller's order), its adapter modules by site name.
+            weights: one weight per source.
+            combination: the validated request (a :class:`fxpeft.combine.Combination`: the type, its options, and
+                the generic tensor maths: ``merge``, ``low_rank``).
+            sites: every site some source adapts (the new adapter's sites), in the graph's order.
+
+        Returns:
+            ``(config, tensors)``: the new adapter's config (its ``target_modules`` is replaced by exactly
+            ``sites``), and per site the tensors :meth:`load_site_tensors` copies in. Must change nothing.
+
+        Raises:
+            ConfigError: the method has no weighted merges (the default), or the adapters cannot be combined so.
+        """
+        raise ConfigError(f"method {cls.display_name or cls.name} does not support weighted merges "
+                          "(add_weighted_adapter); combine adapters of a method that implements Method.combine")
 
 
 def _type_ok(value: Any, annotation: str) -> bool:

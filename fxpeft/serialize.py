@@ -331,6 +331,14 @@ class FxPeftGraphModule(fx.GraphModule):
         base = next(c for c in type(self).__mro__ if c.__qualname__.split(".")[-1] != "GraphModuleImpl")
         return _rebuild_graph_module, (_FORMAT, base, type(self).__name__, state, graph)
 
+    def __call__(self, *args, adapter_names=None, **kwargs):
+        # PEFT's mixed batch: one adapter name per row, served by the graph's mixed-batch twin (fxpeft.mixed)
+        if adapter_names is None:
+            return super().__call__(*args, **kwargs)
+        from .mixed import call_mixed
+
+        return call_mixed(self, args, kwargs, adapter_names)
+
     def __deepcopy__(self, memo):
         # torch's deepcopy copies the graph with node.meta (tags intact) and the state through the memo (tied
         # parameters stay tied); it only names the copy's class "GraphModule".

@@ -96,6 +96,10 @@ class GraphInfo:
         dynamic_dims: ``{input: [dims]}`` traced as dynamic.
         specialized: ``{"input dim": why}`` dims fixed at trace time (a size-1 example dim, a model constraint).
         frozen: ``requires_grad`` of each base parameter before fxpeft first froze the base, to restore it.
+        generation: counts the fxpeft edits committed to the graph (every transaction): what was built from
+            the graph (a mixed-batch graph) is rebuilt when it changes.
+        adapter_table: in a mixed-batch graph (:func:`fxpeft.mixed_batch`), the adapter name of each row index
+            value (``"__base__"`` for none); None in other graphs.
     """
 
     dialect: str = "fx"
@@ -106,6 +110,8 @@ class GraphInfo:
     dynamic_dims: dict[str, list[int]] = field(default_factory=dict)
     specialized: dict[str, str] = field(default_factory=dict)
     frozen: dict[str, bool] | None = None
+    generation: int = 0
+    adapter_table: tuple[str, ...] | None = None
 
 
 def get_tag(node: fx.Node) -> AdapterTag | None:

@@ -8,8 +8,9 @@ from .fold import FoldAdapters
 from .fuse import FuseLowRankSiblings, UnfuseLowRankSiblings
 from .inject import InjectAdapter
 from .merge import MergeAdapters
+from .mixed import MixedBatch
 from .normalize import DropoutToModule
 from .remove import RemoveAdapters
 
 __all__ = ["InjectAdapter", "MergeAdapters", "RemoveAdapters", "FoldAdapters", "DropoutToModule", "FuseLowRankSiblings",
-           "UnfuseLowRankSiblings"]
+           "UnfuseLowRankSiblings", "MixedBatch"]

@@ -24,7 +24,7 @@ from fxpeft.targeting import select_sites
 
 from .transaction import transaction
 
-__all__ = ["InjectAdapter", "adapter_nodes", "adapter_modules", "freeze_base", "check_adapter_name"]
+__all__ = ["InjectAdapter", "adapter_nodes", "adapter_modules", "ordered_names", "freeze_base", "check_adapter_name"]
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 
@@ -50,6 +50,11 @@ def adapter_nodes(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
 def adapter_modules(gm: fx.GraphModule) -> dict[str, AdapterModule]:
     """Every adapter submodule of ``gm``, by path (found by type)."""
     return {name: m for name, m in gm.named_modules() if isinstance(m, AdapterModule)}
+
+
+def ordered_names(mods) -> list[str]:
+    """The adapter names of these adapter modules, in the order the adapters were added."""
+    return [n for n, _ in sorted({m.adapter_name: getattr(m, "order", 0) for m in mods}.items(), key=lambda kv: kv[1])]
 
 
 def freeze_base(gm: torch.nn.Module) -> None:
@@ -144,6 +149,9 @@ class InjectAdapter:
         _check_free(gm, method, name, chosen, paths)
         method.check_selection(config, chosen)
         adapters = {s.name: method.build(s, config, name, gm.get_parameter(s.weight)) for s in chosen}
+        order = {m.adapter_name: getattr(m, "order", 0) for m in adapter_modules(gm).values()}
+        for m in adapters.values():  # PEFT lists adapters in the order they were added
+            m.order = order.get(name, max(order.values(), default=0) + 1)
         if any(m.adapter_name != name for m in adapter_modules(gm).values()):
             for m in adapters.values():  # PEFT's add_adapter: a further adapter is added, not made active
                 m.set_active(False)

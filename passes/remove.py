@@ -3,7 +3,7 @@ were before the adapter went in (and, once no adapter is left, so are the base p
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from torch import fx
@@ -16,7 +16,7 @@ from fxpeft.tags import AdapterTag, Role, get_tag, graph_info, set_graph_info
 from .inject import adapter_modules
 from .transaction import transaction
 
-__all__ = ["RemoveAdapters", "select_adapters", "base_value", "detach_adapters"]
+__all__ = ["RemoveAdapters", "select_adapters", "base_value", "erase_adapter_nodes", "detach_adapters"]
 
 
 def select_adapters(gm: fx.GraphModule, names: Iterable[str] | None) -> dict[str, AdapterModule]:
@@ -49,19 +49,25 @@ def base_value(node: fx.Node) -> fx.Node:
     return node
 
 
-def detach_adapters(gm: fx.GraphModule, mods: dict[str, AdapterModule]) -> None:
-    """Reconnect every user of these adapters' ``OUT`` nodes to the base value, erase their nodes, delete their
-    modules (and the methods' shared state once no site of that adapter is left)."""
-    doomed: list[fx.Node] = []
-    for n in gm.graph.nodes:
+def erase_adapter_nodes(graph: fx.Graph, paths: Collection[str]) -> None:
+    """Reconnect every user of the ``OUT`` nodes of the adapters at ``paths`` to the base value, and erase
+    their nodes (the graph only: their modules stay)."""
+    paths, doomed = set(paths), []
+    for n in graph.nodes:
         tag = get_tag(n)
-        if tag is None or not ({tag.module, *tag.fused} & mods.keys()):
+        if tag is None or not ({tag.module, *tag.fused} & paths):
             continue
         doomed.append(n)
         if tag.role is Role.OUT:
             n.replace_all_uses_with(base_value(n), delete_user_cb=lambda u: not _same(get_tag(u), tag))
     for n in reversed(doomed):
-        gm.graph.erase_node(n)
+        graph.erase_node(n)
+
+
+def detach_adapters(gm: fx.GraphModule, mods: dict[str, AdapterModule]) -> None:
+    """Reconnect every user of these adapters' ``OUT`` nodes to the base value, erase their nodes, delete their
+    modules (and the methods' shared state once no site of that adapter is left)."""
+    erase_adapter_nodes(gm.graph, mods.keys())
     for path in mods:
         gm.delete_submodule(path)
     left = {(m.method, m.adapter_name) for m in adapter_modules(gm).values()}

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import torch
 from torch import fx
 
-from fxpeft.tags import INFO_KEY
+from fxpeft.tags import INFO_KEY, graph_info, set_graph_info
 
 __all__ = ["Transaction", "transaction"]
 
@@ -122,6 +122,9 @@ def transaction(gm: fx.GraphModule) -> Iterator[Transaction]:
     txn = _OPEN[id(gm)] = Transaction(gm)
     try:
         yield txn
+        info = graph_info(gm)  # committed: what was built from the old graph is stale now
+        info.generation += 1
+        set_graph_info(gm, info)
     except BaseException:
         txn.rollback()
         raise

@@ -13,6 +13,10 @@ Measures:
   infer     unmerged inference (eval, inference_mode)
   merged    merged inference vs the traced base graph and the HF eager model (eager and compiled)
   merge     fxpeft.merge vs PEFT's merge_and_unload
+  switch    set_adapter between two adapters, against one train step (the goal: <= 5 %)
+  mixed     a mixed batch (32 rows, K = 1, 4, 16, 32 adapters of rank 16, one per row round-robin), inference:
+            fxpeft's ``adapter_names=`` forward vs PEFT's, and vs each library's one-adapter unmerged forward;
+            then fxpeft's mixed graph vs its one-adapter graph, both under torch.compile
   memory    peak training memory: one fresh process per variant; set-up first, then malloc_trim and a
             reset of the peak-RSS counter (/proc/self/clear_refs), then the peak RSS growth over 2 steps.
             Also the bytes autograd saves for backward in one step (exact, via saved_tensors_hooks)
@@ -53,7 +57,7 @@ import fxpeft  # noqa: E402
 from fxpeft.zoo import tiny_llama  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ALL_MEASURES = ("rewrite", "train", "compile", "infer", "merged", "merge", "memory")
+ALL_MEASURES = ("rewrite", "train", "compile", "infer", "merged", "merge", "memory", "switch", "mixed")
 
 
 @dataclass(frozen=True)
@@ -69,13 +73,18 @@ class Case:
     dropouts: tuple[float, ...] = (0.0, 0.1)
     measures: tuple[str, ...] = ALL_MEASURES
     note: str = ""
+    mixed_rows: int = 32
+    mixed_seq: int = 32
+    mixed_ks: tuple[int, ...] = (1, 4, 16, 32)
 
 
 CASES = {
     "default": Case("default", 4, 512, 4, 128),
     "large": Case("large", 4, 1024, 4, 128, measures=("train", "infer", "memory")),
     "rewrite32": Case("rewrite32", 32, 512, 2, 16, dropouts=(0.1,), measures=("rewrite",)),
-    "smoke": Case("smoke", 1, 64, 2, 16, dropouts=(0.0, 0.1), measures=("rewrite", "train", "infer", "merged", "merge", "memory")),
+    "smoke": Case("smoke", 1, 64, 2, 16, dropouts=(0.0, 0.1), measures=("rewrite", "train", "infer", "merged", "merge",
+                                                                         "memory", "switch", "mixed"),
+                  mixed_rows=4, mixed_seq=8, mixed_ks=(2,)),
 }
 
 # (measure, variant ratio key) -> (goal text, predicate on the median ratio)
@@ -88,6 +97,10 @@ GOALS: dict[tuple[str, str], tuple[str, Callable[[float], bool]]] = {
     ("merged", "graph"): ("1.00 ± 0.03", lambda r: abs(r - 1) <= 0.03),
     ("merged", "compiled"): ("1.00 ± 0.03", lambda r: abs(r - 1) <= 0.03),
     ("rewrite", ""): ("≤ 0.50 and < 100 ms", lambda r: r <= 0.5),
+    ("switch", ""): ("≤ 0.05", lambda r: r <= 0.05),
+    ("mixed", "vs_peft"): ("< 1.0", lambda r: r < 1.0),
+    ("mixed", "vs_single"): ("≤ 1.25", lambda r: r <= 1.25),
+    ("mixed", "compiled"): ("≤ 1.25", lambda r: r <= 1.25),
     ("memory", "0.0"): ("≤ 1.0", lambda r: r <= 1.0),
     ("memory", "0.1"): ("≤ 1.0", lambda r: r <= 1.0),
 }
@@ -348,6 +361,76 @@ class Bench:
         times = alternate({"fxpeft": fx_run, "peft": peft_run}, self.pairs("merge"), 1)
         self.add("merge", "", "merge", summarize(times, "fxpeft", "peft"))
 
+    def switch(self) -> None:
+        gm = self.fx(0.0)
+        fxpeft.rewrite(gm, fx_config(self.case, 0.0), "other")
+        gm.train()
+        trainer = Trainer(gm, lambda ids: gm(input_ids=ids), self.ids)
+        names = iter(["other", "default"] * 10_000)
+        times = alternate({"fxpeft": timed(lambda: fxpeft.set_adapter(gm, next(names))), "peft": timed(trainer.step)},
+                          self.pairs("train"), 2)
+        self.add("switch", "", "set_adapter / one train step", summarize(times, "fxpeft", "peft"))
+
+    def _mixed_pair(self, k: int):
+        """fxpeft's graph and PEFT's model with ``k`` adapters of the same random weights (non-zero B)."""
+        from peft import LoraConfig, get_peft_model
+
+        gm, pm = copy.deepcopy(self.base_gm), None
+        for i in range(k):
+            fxpeft.rewrite(gm, fx_config(self.case, 0.0), f"a{i}")
+            cfg = LoraConfig(r=self.case.r, lora_alpha=self.case.alpha, target_modules=TARGETS)
+            if pm is None:
+                pm = get_peft_model(copy.deepcopy(self.base_hf), cfg, adapter_name="a0")
+            else:
+                pm.add_adapter(f"a{i}", cfg)
+        g = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for ad in fxpeft.adapters(gm).values():
+                ad.B.copy_(torch.randn(ad.B.shape, generator=g) / ad.B.shape[1] ** 0.5)
+                layer = pm.base_model.model.get_submodule(ad.site_name)
+                layer.lora_A[ad.adapter_name].weight.copy_(ad.A)
+                layer.lora_B[ad.adapter_name].weight.copy_(ad.B)
+        return gm.eval(), pm.eval()
+
+    def mixed(self) -> None:
+        c = self.case
+        ids = torch.randint(0, c.vocab, (c.mixed_rows, c.mixed_seq), generator=torch.Generator().manual_seed(3))
+        for k in c.mixed_ks:
+            gm, pm = self._mixed_pair(k)
+            ours = theirs = [f"a{i % k}" for i in range(c.mixed_rows)]
+            with torch.inference_mode():
+                d = (gm(input_ids=ids, adapter_names=ours).logits
+                     - pm(input_ids=ids, use_cache=False, adapter_names=theirs).logits).abs().max().item()
+            log(f"[{c.name}] mixed K={k}: max |logits fxpeft - PEFT| = {d:.2e}")
+            times = alternate({
+                "fxpeft": timed_inference(lambda: gm(input_ids=ids, adapter_names=ours)),
+                "fxpeft_single": timed_inference(lambda: gm(input_ids=ids)),
+                "peft": timed_inference(lambda: pm(input_ids=ids, use_cache=False, adapter_names=theirs)),
+                "peft_single": timed_inference(lambda: pm(input_ids=ids, use_cache=False))}, self.pairs("infer"), 2)
+            extra = {"k": k, "max_abs_diff_logits_vs_peft": d,
+                     "fxpeft_vs_single": summarize(times, "fxpeft", "fxpeft_single")["ratio"],
+                     "peft_vs_single": summarize(times, "peft", "peft_single")["ratio"]}
+            self.add("mixed", "vs_peft", f"mixed batch K={k}: fxpeft / PEFT", summarize(times, "fxpeft", "peft"), extra)
+            self.add("mixed", "vs_single", f"mixed batch K={k}: fxpeft mixed / fxpeft one adapter",
+                     summarize(times, "fxpeft", "fxpeft_single"), extra)
+            if "compile" in self.measures and not (self.args.quick or c.name == "smoke"):
+                self._mixed_compiled(gm, ids, ours, k)
+
+    def _mixed_compiled(self, gm: torch.fx.GraphModule, ids: torch.Tensor, names: list[str], k: int) -> None:
+        torch._dynamo.reset()
+        index = fxpeft.adapter_index(gm, names)
+        cm, cs = torch.compile(fxpeft.mixed_batch(gm)), torch.compile(gm)
+        extra = {"k": k}
+        for key, f in (("mixed", lambda: cm(input_ids=ids, adapter_index=index)), ("single", lambda: cs(input_ids=ids))):
+            t = time.perf_counter()
+            with torch.inference_mode():
+                f()
+            extra[f"compile_s_{key}"] = time.perf_counter() - t
+        times = alternate({"fxpeft": timed_inference(lambda: cm(input_ids=ids, adapter_index=index)),
+                           "peft": timed_inference(lambda: cs(input_ids=ids))}, self.pairs("infer"), 2)
+        self.add("mixed", "compiled", f"mixed batch K={k}, torch.compile: mixed / one adapter",
+                 summarize(times, "fxpeft", "peft"), extra)
+
     def memory(self, dropout: float) -> None:
         variants = ("fxpeft", "fxpeft_unfused", "peft")
         reps = 1 if (self.args.quick or self.case.name in ("smoke", "large")) else 3
@@ -394,6 +477,10 @@ class Bench:
         for p in self.case.dropouts:
             if "compile" in ms:
                 self.train(p, compiled=True)
+        if "switch" in ms:
+            self.switch()
+        if "mixed" in ms:
+            self.mixed()
         for p in self.case.dropouts:
             if "memory" in ms:
                 self.memory(p)
@@ -500,6 +587,10 @@ def markdown(results: list[dict], info: dict) -> str:
         if r["measure"] == "memory":
             a, b = f"{r['mb']['fxpeft']:.0f} MB", f"{r['mb']['peft']:.0f} MB"
             label = r["label"] + f" (saved for backward: {r['saved_mb']['fxpeft']:.0f} vs {r['saved_mb']['peft']:.0f} MB)"
+        elif r["measure"] == "mixed" and r["key"] != "vs_peft":
+            a, b, label = f"{_fmt_ms(r['ms']['fxpeft'])} ms", f"{_fmt_ms(r['ms'].get('fxpeft_single', r['ms']['peft']))} ms", r["label"]
+            if r["key"] == "vs_single":
+                label += f" (PEFT's mixed / its one adapter: {r['peft_vs_single']:.2f})"
         elif r["measure"] == "merged":
             k = "base_graph" if r["key"] != "hf" else "hf_eager"
             a, b, label = f"{_fmt_ms(r['ms']['merged'])} ms", f"{_fmt_ms(r['ms'][k])} ms", r["label"]

@@ -22,16 +22,19 @@ import math
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from fxpeft.errors import AdapterFileError, ConfigError
 from fxpeft.registry import AdapterModule, Emit, Method, PeftConfigBase, PeftRegistry, config_from_fields
 from fxpeft.sites import Site
 from fxpeft.tags import Role
 from fxpeft.untrusted import compile_pattern, pattern_key_match
+
+if TYPE_CHECKING:
+    from fxpeft.combine import Combination
 
 __all__ = ["LoraConfig", "LoraAdapter", "LoraDropout", "Lora"]
 
@@ -127,12 +130,15 @@ class LoraAdapter(AdapterModule):
             self.A = nn.Parameter(torch.empty(r, site.in_features, **kw))
             self.B = nn.Parameter(torch.empty(site.out_features, r, **kw))
         self.register_buffer("scale", torch.tensor(self.scaling, **kw), persistent=False)
+        # a mixed batch serves any adapter, on or off: it reads the scaling itself
+        self.register_buffer("mixed_scale", torch.tensor(self.scaling, **kw), persistent=False)
         if dropout > 0 and site.kind != "embedding":
             self.dropout = LoraDropout(dropout)
 
     def gate_changed(self, on: bool) -> None:
         with torch.no_grad():
             self.scale.fill_(self.scaling if on else 0.0)
+            self.mixed_scale.fill_(self.scaling)
 
     def reset_parameters(self, init: bool | str) -> None:
         with torch.no_grad():
@@ -291,6 +297,61 @@ class Lora(Method):
     def unfold(cls, adapter: LoraAdapter, site: Site, weight: torch.Tensor, bias: torch.Tensor | None):
         return weight - adapter.delta_weight(site), bias
 
+    # ---------------------------------------------------------------------------------- mixed batch
+    @classmethod
+    def insert_mixed(cls, emit: Emit, site: Site, slots: list[LoraAdapter | None]) -> None:
+        # Row b uses slot index[b]: each slot's A and B are padded to the largest rank (zero rows add nothing),
+        # stacked, and gathered per row, so the matmuls cost one adapter's rank per token, whatever the count.
+        present = [m for m in slots if m is not None]
+        rank, ref = max(m.A.shape[0] for m in present), present[0]
+        base_dtype = emit.gm.get_parameter(site.weight).dtype
+
+        def stacked(attr: str, dim: int, role: Role) -> fx.Node:
+            nodes = []
+            for m in present:
+                t = emit.param_of(m, attr, role)
+                short = rank - getattr(m, attr).shape[dim]
+                if short:  # constant_pad_nd pads the last dims first: [0, 0, 0, n] pads dim -2
+                    pad = [0, 0] * (getattr(m, attr).dim() - 1 - dim) + [0, short]
+                    t = emit.op(aten.constant_pad_nd.default, t, pad, role=role)
+                nodes.append(t)
+            zero = emit.op(aten.zeros_like.default, nodes[0], role=role)
+            it = iter(nodes)
+            return emit.op(aten.stack.default, [zero if m is None else next(it) for m in slots], role=role)
+
+        A = stacked("A", 0, Role.DOWN_WEIGHT)  # [K+1, R, in(, *k)]
+        B = stacked("B", 1, Role.UP_WEIGHT)  # [K+1, out, R(, 1..)]
+        no_scale = emit.op(aten.zeros_like.default, emit.param_of(ref, "mixed_scale"), role=Role.SCALING)
+        scales = emit.op(aten.stack.default, [no_scale if m is None else emit.param_of(m, "mixed_scale")
+                                              for m in slots], role=Role.SCALING)  # [K+1]
+        idx = emit.index
+        A_rows = emit.op(aten.index_select.default, A, 0, idx, role=Role.DOWN_WEIGHT)  # [B, R, in(, *k)]
+        B_rows = emit.op(aten.index_select.default, B, 0, idx, role=Role.UP_WEIGHT)  # [B, out, R(, 1..)]
+        s_rows = emit.op(aten.index_select.default, scales, 0, idx, role=Role.SCALING)  # [B]
+        x, y = emit.call.input, emit.call.node
+        if site.kind == "embedding":
+            delta = _mixed_embedding(emit, site, x, A, s_rows, B_rows)
+        elif site.kind == "conv":
+            if ref.A.dtype != base_dtype:
+                x = emit.cast(x, ref.A.dtype)
+            delta = _mixed_conv(emit, site, x, A_rows, s_rows, B_rows, slots)
+        else:
+            rows = emit.rows(x, site.in_features)  # [B, L, in]
+            if ref.A.dtype != base_dtype:
+                rows = emit.cast(rows, ref.A.dtype)
+            rows = _mixed_dropout(emit, rows, slots)
+            a = emit.op(aten.bmm.default, rows, emit.op(aten.transpose.int, A_rows, 1, 2), role=Role.DOWN)  # [B, L, R]
+            a = emit.op(aten.mul.Tensor, a, emit.op(aten.view.default, s_rows, [-1, 1, 1]), role=Role.SCALE)
+            delta = emit.op(aten.bmm.default, a, emit.op(aten.transpose.int, B_rows, 1, 2), role=Role.UP)  # [B, L, out]
+        if ref.A.dtype != base_dtype:  # as in one adapter's graph: add in the adapter's dtype, cast the sum back
+            total = emit.op(aten.add.Tensor, y, emit.op(aten.reshape.default, delta, emit.op(aten.sym_size.default, y)),
+                            role=Role.COMPUTE, replaces=0)
+            out = emit.cast(total, base_dtype, role=Role.OUT, replaces=0)
+        else:
+            out = emit.op(aten.add.Tensor, y, emit.op(aten.reshape.default, delta, emit.op(aten.sym_size.default, y)),
+                          role=Role.OUT, replaces=0)
+        emit.replace_output(out)
+
     # ---------------------------------------------------------------------------------- PEFT file format
     @classmethod
     def site_shapes(cls, config: LoraConfig, site: Site) -> dict[str, tuple[int, ...]]:
@@ -399,6 +460,119 @@ class Lora(Method):
         if fields.get("bias", "none") != "none":
             raise AdapterFileError(f"the adapter trains biases (bias={fields['bias']!r}), which fxpeft does not support")
         return config_from_fields(cls, fields)  # the weights come from the file: the init does not matter
+
+    # ---------------------------------------------------------------------------------- weighted merges
+    @classmethod
+    def combine(cls, sources: list[dict[str, LoraAdapter]], weights: list[float], combination: Combination,
+                sites: dict[str, Site]) -> tuple[LoraConfig, dict[str, dict[str, torch.Tensor]]]:
+        """PEFT's ``add_weighted_adapter`` for LoRA (the formulas: :func:`fxpeft.add_weighted_adapter`).
+
+        The new rank is PEFT's: the common rank (``linear``, ``ties``, ``dare_*``, ``magnitude_prune``), the sum of
+        the ranks (``cat``), or ``svd_rank`` / the largest rank (``*svd``), where an adapter's rank is its largest
+        over its sites. Every site gets that rank (zero-padded where its combination has fewer) and
+        ``lora_alpha = r`` without rsLoRA: scaling 1, whatever ``use_rslora`` the sources have (PEFT copies the
+        first source's flag, and is then ``sqrt(r)`` too large). Dropout and dtype follow the first source.
+        """
+        ranks = [max(m.r for m in src.values()) for src in sources]
+        if combination.combination_type == "cat":
+            rank = sum(ranks)
+        else:
+            rank = (combination.svd_rank or max(ranks)) if combination.svd else max(ranks)
+        tensors = {}
+        for name, site in sites.items():
+            here = [(src[name], w) for src, w in zip(sources, weights) if name in src]
+            A, B = cls._combine_site(here, combination, rank, site)
+            a, b = _KEYS[site.kind]
+            tensors[name] = {a: A, b: B}
+        first = list(sources[0].values())
+        dropout = max(getattr(getattr(m, "dropout", None), "p", 0.0) for m in first)  # embeddings have none
+        config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=dropout, use_rslora=False,
+                            keep_base_dtype=first[0].A.dtype in (torch.float16, torch.bfloat16))
+        return config, tensors
+
+    @staticmethod
+    def _combine_site(here: list[tuple[LoraAdapter, float]], combination: Combination, rank: int,
+                      site: Site) -> tuple[torch.Tensor, torch.Tensor]:
+        """One site's new ``A [rank, in, *k]`` and ``B [out, rank, *1]`` in PEFT's layout (embedding: A ``[rank, num]``,
+        B ``[dim, rank]``, the roles PEFT's ``lora_embedding_A/B`` have), from the adapters present there."""
+        # The live factors, in fp32: rows of A past ``r`` (columns of B) are hot-swap room, zeros.
+        fac = [(m.A.detach()[: m.r].float(), m.B.detach()[:, : m.r].float(), m.scaling, w) for m, w in here]
+        if combination.combination_type == "cat":  # exact: [A1·w1·s1; A2·w2·s2] and [B1 B2]
+            A = torch.cat([A * w * s for A, _, s, w in fac], 0)
+            B = torch.cat([B for _, B, _, _ in fac], 1)
+        elif combination.svd:  # the full deltas [out, in·k] ([dim, num] for an embedding), merged, truncated
+            deltas = [(B.flatten(1) @ A.flatten(1)) * s for A, B, s, _ in fac]
+            up, down = combination.low_rank(combination.merge(deltas, [w for *_, w in fac]), rank)
+            return down.reshape(rank, *fac[0][0].shape[1:]), up.reshape(up.shape[0], rank, *fac[0][1].shape[2:])
+        else:
+            if len({A.shape[0] for A, *_ in fac}) > 1:
+                raise ConfigError(
+                    f"combination_type={combination.combination_type!r} merges the A and B factors entry by entry, "
+                    f"so the adapters at site {site.name!r} must share a rank; they have ranks "
+                    f"{[A.shape[0] for A, *_ in fac]}. Use 'cat', 'svd' or a '*_svd' type, which take any ranks")
+            # PEFT's approximation of sum(w·s·B@A): A's and B's merged separately, sqrt(|w·s|) on each, the sign on A
+            ws = [w * s for *_, s, w in fac]
+            A = combination.merge([A for A, *_ in fac], [math.sqrt(abs(x)) * (1 if x >= 0 else -1) for x in ws])
+            B = combination.merge([B for _, B, *_ in fac], [math.sqrt(abs(x)) for x in ws])
+        extra = rank - A.shape[0]  # zero rows of A / columns of B add nothing
+        A = torch.cat([A, A.new_zeros(extra, *A.shape[1:])], 0)
+        B = torch.cat([B, B.new_zeros(B.shape[0], extra, *B.shape[2:])], 1)
+        return A, B
+
+
+class RowDropout(nn.Module):
+    """Dropout with a probability per batch row, gathered from a table by the row's adapter index: a mixed
+    batch applies each row's own adapter's dropout, as serving the adapters one by one would."""
+
+    def __init__(self, p: list[float]) -> None:
+        super().__init__()
+        self.register_buffer("p", torch.tensor(p, dtype=torch.float32), persistent=False)
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        p = self.p.to(x.dtype)[index].view(-1, *([1] * (x.dim() - 1)))  # [B, 1, ...]
+        keep = torch.rand_like(x) >= p
+        return x * keep / (1 - p)
+
+
+def _mixed_dropout(emit: Emit, x: fx.Node, slots: list[LoraAdapter | None]) -> fx.Node:
+    ps = [float(getattr(getattr(m, "dropout", None), "p", 0.0)) for m in slots]
+    if not any(ps):
+        return x
+    return emit.add_module("mixed_dropout", RowDropout(ps), x, emit.index, role=Role.DROPOUT)
+
+
+def _mixed_embedding(emit: Emit, site: Site, ids: fx.Node, A: fx.Node, s_rows: fx.Node, B_rows: fx.Node) -> fx.Node:
+    # One lookup in every slot's table at once: row b's token t reads entry index[b] * num + ids[b, t].
+    num = site.in_features
+    table = emit.op(aten.permute.default, A, [0, 2, 1])  # [K+1, R, num] -> [K+1, num, R]
+    table = emit.op(aten.reshape.default, table, [-1, emit.op(aten.sym_size.int, A, 1)])  # [(K+1)*num, R]
+    batch = emit.op(aten.sym_size.int, emit.batch_source, 0)
+    ids = emit.op(aten.reshape.default, ids, [batch, -1])  # [B, L]
+    offset = emit.op(aten.mul.Tensor, emit.op(aten.view.default, emit.index, [-1, 1]), num)  # [B, 1]
+    a = emit.op(aten.embedding.default, table, emit.op(aten.add.Tensor, ids, offset), role=Role.DOWN)  # [B, L, R]
+    a = emit.op(aten.mul.Tensor, a, emit.op(aten.view.default, s_rows, [-1, 1, 1]), role=Role.SCALE)
+    return emit.op(aten.bmm.default, a, emit.op(aten.transpose.int, B_rows, 1, 2), role=Role.UP)  # [B, L, dim]
+
+
+def _mixed_conv(emit: Emit, site: Site, x: fx.Node, A_rows: fx.Node, s_rows: fx.Node, B_rows: fx.Node,
+                slots: list[LoraAdapter | None]) -> fx.Node:
+    # Row b's A is a conv over row b alone: a grouped conv with one group per row, on the rows stacked as
+    # channels. B (1x1) is then a batched matmul over the flattened positions.
+    dims = len(site.kernel_size)
+    op = {1: aten.conv1d, 2: aten.conv2d, 3: aten.conv3d}[dims]
+    batch = emit.op(aten.sym_size.int, x, 0)
+    x = _mixed_dropout(emit, x, slots)
+    xg = emit.op(aten.unsqueeze.default, emit.op(aten.flatten.using_ints, x, 0, 1), 0)  # [1, B*C, *sp]
+    Ag = emit.op(aten.flatten.using_ints, A_rows, 0, 1)  # [B*R, C, *k]
+    pad = site.padding if isinstance(site.padding, str) else list(site.padding)
+    a = emit.op(op.padding if isinstance(pad, str) else op.default, xg, Ag, None, list(site.stride), pad,
+                list(site.dilation), batch, role=Role.DOWN)  # [1, B*R, *sp']
+    a = emit.op(aten.view.default, a, [batch, emit.op(aten.sym_size.int, A_rows, 1), -1])  # [B, R, P]
+    a = emit.op(aten.mul.Tensor, a, emit.op(aten.view.default, s_rows, [-1, 1, 1]), role=Role.SCALE)
+    Bm = emit.op(aten.flatten.using_ints, B_rows, 2)  # [B, out, R]
+    return emit.op(aten.bmm.default, Bm, a, role=Role.UP)  # [B, out, P]
 
 
 def pattern_value(pattern: dict[str, Any], name: str, default: Any, field_name: str) -> Any:
