@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import sys
 import uuid
@@ -43,7 +44,7 @@ class _DefaultsCodeGen(_PyTreeCodeGen):
         return head + sep + rest
 
 
-def _auto_dynamic_shapes(args: tuple, kwargs: dict, dims: str = "all") -> tuple:
+def _auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, dims: str = "all") -> tuple | dict:
     """Mark tensor dims ``Dim.AUTO`` (dynamic unless the model pins them, e.g. channels).
 
     ``dims="all"``: every dim; ``"batch-seq"``: dim 0, and dim 1 of integer (token id) tensors;
@@ -59,8 +60,11 @@ def _auto_dynamic_shapes(args: tuple, kwargs: dict, dims: str = "all") -> tuple:
             keep = [0, 1] if not x.is_floating_point() else [0]
         return {i: torch.export.Dim.AUTO for i in keep if i < x.dim()}
 
-    # torch.export matches a tuple of specs to the args, then the kwargs in call order.
-    return tuple(pytree.tree_map(spec, a) for a in args) + tuple(pytree.tree_map(spec, v) for v in kwargs.values())
+    try:  # by parameter name: torch.export pairs a tuple of specs with the signature's order, not the call's
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return tuple(pytree.tree_map(spec, a) for a in args) + tuple(pytree.tree_map(spec, v) for v in kwargs.values())
+    return {name: pytree.tree_map(spec, v) for name, v in bound.arguments.items()}
 
 
 def _export_program(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, strict: bool):
@@ -71,7 +75,7 @@ def _export_program(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes,
     first_error = None
     for dims in ("all", "batch-seq", "none"):
         try:
-            ep = torch.export.export(model, args, kwargs, dynamic_shapes=_auto_dynamic_shapes(args, kwargs, dims),
+            ep = torch.export.export(model, args, kwargs, dynamic_shapes=_auto_dynamic_shapes(model, args, kwargs, dims),
                                      strict=strict)
         except Exception as e:
             first_error = first_error or e
@@ -143,7 +147,8 @@ def _record(gm: fx.GraphModule, model: nn.Module, dialect: str) -> None:
     set_graph_info(gm, info)
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, strict: bool) -> fx.GraphModule:
+def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, strict: bool,
+            normalize_attention: bool = True) -> fx.GraphModule:
     modes = {m: m.training for m in model.modules()}
     try:
         # Base batch-norm runs on its running statistics (frozen, as a frozen base should be); dropout
@@ -192,9 +197,12 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, strict:
         if defaults:
             gm.graph._codegen = _DefaultsCodeGen(gm.graph._codegen.pytree_info, dict(reversed(defaults.items())))
             gm.recompile()
+    from .passes.attention import NormalizeAttention
     from .passes.normalize import DropoutToModule
 
     DropoutToModule()(gm)
+    if normalize_attention:  # exact: SDPA gets is_causal / grouped K/V where the graph proves them
+        NormalizeAttention()(gm)
     return gm
 
 
@@ -214,7 +222,8 @@ def _own_called_modules(gm: fx.GraphModule) -> None:
 
 
 def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, dynamic_shapes=None,
-          strict: bool = False, leaf_modules: tuple[type, ...] = ()) -> fx.GraphModule:
+          strict: bool = False, leaf_modules: tuple[type, ...] = (),
+          normalize_attention: bool = True) -> fx.GraphModule:
     """Capture ``model`` as a trainable ``torch.fx.GraphModule``.
 
     With example inputs it uses ``torch.export`` (every tensor dim ``Dim.AUTO``, so batch and sequence
@@ -225,7 +234,11 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, dyn
     Behaviour notes for export graphs:
       * non-tensor inputs given at trace time (``use_cache=False``) are baked in; they become defaults of
         the graph's ``forward``, and passing a different value fails the graph's guard;
-      * dropout modules follow ``train()``/``eval()``; batch norm uses its running statistics (frozen).
+      * dropout modules follow ``train()``/``eval()``; batch norm uses its running statistics (frozen);
+      * attention is normalised (:class:`fxpeft.passes.NormalizeAttention`): a mask the graph builds from
+        positions alone and proves causal is dropped for ``is_causal=True``, and grouped-query K/V expanded
+        by ``repeat_kv`` go to SDPA un-expanded with ``enable_gqa=True``. Outputs and gradients are the
+        model's (up to float summation order); padding, sliding-window and bidirectional masks are kept.
 
     Args:
         model: the module to capture.
@@ -234,6 +247,8 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, dyn
         dynamic_shapes: passed to ``torch.export`` instead of the all-``AUTO`` default.
         strict: ``torch.export``'s strict mode (default False, which HF models need).
         leaf_modules: module classes that symbolic_trace keeps as opaque calls.
+        normalize_attention: run :class:`fxpeft.passes.NormalizeAttention` on an export graph (default True);
+            False keeps SDPA's calls exactly as torch.export captured them.
 
     Returns:
         The graph module, sharing parameters with ``model``.
@@ -251,9 +266,11 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, dyn
     if not isinstance(model, nn.Module):
         raise TraceError(f"trace() takes an nn.Module, got {type(model).__name__}")
     kwargs = dict(kwargs or {})
+    if dynamic_shapes is None:  # flags last (stable): they become defaults of forward, which must trail
+        kwargs = dict(sorted(kwargs.items(), key=lambda kv: isinstance(kv[1], (bool, int, float, str, type(None)))))
     if args or kwargs:
         args, kwargs = _own_copies(tuple(args), kwargs)
-        gm = _export(model, args, kwargs, dynamic_shapes, strict)
+        gm = _export(model, args, kwargs, dynamic_shapes, strict, normalize_attention)
         dialect = "export"
     else:
         class _Tracer(fx.Tracer):

@@ -4,6 +4,7 @@ atomic (a failure leaves the graph as it was), and it lints and recompiles at th
 Shipped as ``fxpeft.passes``; always import it under that name.
 """
 
+from .attention import NormalizeAttention
 from .fold import FoldAdapters
 from .fuse import FuseLowRankSiblings, UnfuseLowRankSiblings
 from .inject import InjectAdapter
@@ -13,4 +14,4 @@ from .normalize import DropoutToModule
 from .remove import RemoveAdapters
 
 __all__ = ["InjectAdapter", "MergeAdapters", "RemoveAdapters", "FoldAdapters", "DropoutToModule", "FuseLowRankSiblings",
-           "UnfuseLowRankSiblings", "MixedBatch"]
+           "UnfuseLowRankSiblings", "MixedBatch", "NormalizeAttention"]

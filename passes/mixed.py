@@ -19,7 +19,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.utils import _pytree as pytree
 
-from fxpeft.errors import InputShapeError, MergeError
+from fxpeft.errors import InputShapeError, MergeError, UnsupportedSiteError
 from fxpeft.registry import AdapterModule, Emit, PeftRegistry
 from fxpeft.serialize import FxPeftGraphModule
 from fxpeft.sites import Call, Site, find_sites
@@ -119,7 +119,8 @@ class MixedBatch:
         table, per_site = _slots(gm)
         for name, slots in per_site.items():
             if len(_methods(slots)) > 1:
-                raise MergeError(f"site {name!r} holds adapters of several methods; a mixed batch needs one")
+                raise UnsupportedSiteError(f"site {name!r} holds adapters of several methods; a mixed batch "
+                                           "needs one method per site")
         sites = {n: s for n, s in find_sites(gm).items() if n in per_site}
         graph, val_map = _copy_graph(gm.graph)
         erase_adapter_nodes(graph, adapter_modules(gm).keys())
@@ -131,7 +132,7 @@ class MixedBatch:
         for path, m in adapter_modules(gm).items():
             mixed.add_submodule(path, m)
             paths[id(m)] = path
-        self._emit(mixed, sites, per_site, val_map, index, paths, export)
+        self._emit(mixed, sites, per_site, val_map, index, paths, export, len(table))
         own = {id(m) for m in gm.modules()}
         for m in mixed.modules():  # its own modules (the containers, a method's helpers) start in gm's mode
             if id(m) not in own:
@@ -144,19 +145,20 @@ class MixedBatch:
 
     @staticmethod
     def _emit(mixed: fx.GraphModule, sites: dict[str, Site], per_site: dict[str, list[AdapterModule | None]],
-              val_map: dict[fx.Node, fx.Node], index: fx.Node, paths: dict[int, str], export: bool) -> None:
+              val_map: dict[fx.Node, fx.Node], index: fx.Node, paths: dict[int, str], export: bool,
+              slots: int) -> None:
         graph = mixed.graph
         source = next(n for n in graph.nodes if n.op == "placeholder")  # dim 0 of the first input is the batch
         with graph.inserting_after(index):
-            checked = graph.call_function(check_row_index, (index, source, len(next(iter(per_site.values())))))
+            checked = graph.call_function(check_row_index, (index, source, slots))
         for name, site in sites.items():
-            slots = per_site[name]
-            method = _methods(slots).pop()
-            first = next(m for m in slots if m is not None)
+            adapters = per_site[name]
+            method = _methods(adapters).pop()
+            first = next(m for m in adapters if m is not None)
             for call in site.calls:
                 call = Call(val_map[call.node], call.input_pos)
                 tag = AdapterTag(method.name, "*", name, paths[id(first)], Role.COMPUTE)
                 emit = Emit(mixed, tag, call, site, export)
                 emit.index, emit.batch_source, emit.paths = checked, source, paths
                 with graph.inserting_before(call.node.next):
-                    method.insert_mixed(emit, site, slots)
+                    method.insert_mixed(emit, site, adapters)

@@ -84,3 +84,17 @@ def test_keep_base_dtype_keeps_half_adapters():
                         fxpeft.LoraConfig(r=4, target_modules=["q_proj"], keep_base_dtype=True))
     assert {p.dtype for n, p in gm.named_parameters() if p.requires_grad} == {torch.bfloat16}
     assert not [n for n in gm.graph.nodes if (t := fxpeft.tags.get_tag(n)) and t.role is fxpeft.Role.CAST]
+
+
+def test_trace_kwargs_in_any_order_stay_dynamic_and_flags_become_defaults():
+    # torch.export pairs a tuple of dim specs with the signature's order; fxpeft names them, and moves flags
+    # (use_cache) after the tensors so they can be defaults of forward.
+    model, _, kwargs = zoo.tiny_llama(layers=1)
+    ids = kwargs["input_ids"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "could not be exported with every dim dynamic"
+        gm = fxpeft.trace(model, (), {"input_ids": ids, "use_cache": False, "attention_mask": torch.ones_like(ids)})
+    ids2 = torch.randint(0, 256, (3, 7))
+    mask = torch.ones_like(ids2)
+    expected = model(input_ids=ids2, attention_mask=mask, use_cache=False).logits
+    assert torch.allclose(gm(input_ids=ids2, attention_mask=mask).logits, expected, atol=1e-5)
