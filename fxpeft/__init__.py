@@ -11,7 +11,7 @@ Example:
     >>> merged = fxpeft.merge(gm)          # a plain graph again
 """
 
-from . import methods  # noqa: F401  (registers LoRA and IA3)
+from . import methods  # noqa: F401  (registers LoRA, IA3, LoHa and LoKr)
 from . import passes  # noqa: F401
 from .api import (
     adapters,
@@ -50,7 +50,7 @@ from .lifecycle import (
 )
 from .mixed import adapter_index, export_mixed_batch, mixed_batch
 from .io import config_from_peft, hotswap_adapter, load_adapter, prepare_for_hotswap, save_adapter, save_merged
-from .methods import IA3Config, LoraConfig
+from .methods import IA3Config, LoHaConfig, LoKrConfig, LoraConfig
 from .registry import AdapterModule, Emit, Method, PeftConfigBase, PeftRegistry
 from .tags import AdapterTag, GraphInfo, Role
 from .sites import Site, find_sites, list_sites, unreached_weights
@@ -92,6 +92,8 @@ __all__ = [
     "print_trainable_parameters",
     "LoraConfig",
     "IA3Config",
+    "LoHaConfig",
+    "LoKrConfig",
     "PeftRegistry",
     "Method",
     "AdapterModule",

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from .copies import FullCopy
 from .errors import ConfigError
 from .io import _exact_regex
 from .passes.inject import adapter_modules, check_adapter_name
@@ -192,6 +193,10 @@ def _sources(gm: fx.GraphModule, adapters: Any, weights: Any) -> list[dict[str, 
     unknown = [a for a in adapters if a not in have]
     if unknown:
         raise ConfigError(f"the graph holds no adapter named {unknown[0]!r}; it holds {have}")
+    copied = sorted({m.adapter_name for m in mods.values() if isinstance(m, FullCopy) and m.adapter_name in adapters})
+    if copied:
+        raise ConfigError(f"adapters {copied} train full copies (modules_to_save or biases); add_weighted_adapter "
+                          "combines low-rank updates only. Combine adapters without them")
     sources = [{m.site_name: m for m in mods.values() if m.adapter_name == a} for a in adapters]
     methods = {m.method for src in sources for m in src.values()}
     if len(methods) > 1:

@@ -37,6 +37,8 @@ from safetensors.torch import load_file, save_file
 from torch import fx, nn
 
 from .atomic import commit_files, read_lock, verify_files
+from .copies import (FullCopy, copy_config_fields, copy_tensors, load_copy_tensors, plan_copies, saved_modules,
+                     site_adapters, take_copy_tensors)
 from .errors import AdapterFileError, FxPeftError, TargetError
 from .pipeline import rewrite_graph
 from .passes.inject import adapter_modules
@@ -44,7 +46,7 @@ from .passes.transaction import transaction
 from .registry import AdapterModule, Method, PeftRegistry
 from .sites import Site, find_sites
 from .tags import graph_info
-from .targeting import matches, select_sites
+from .targeting import TASK_MODULES, matches, saved_names, select_sites
 from .untrusted import load_json
 
 __all__ = ["save_adapter", "load_adapter", "hotswap_adapter", "prepare_for_hotswap", "save_merged", "config_from_peft",
@@ -225,7 +227,9 @@ def save_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_name:
         >>> sorted(f for f in os.listdir(d) if not f.startswith("."))
         ['adapter_config.json', 'adapter_model.safetensors']
     """
-    mods = {m.site_name: m for m in adapter_modules(gm).values() if m.adapter_name == adapter_name}
+    own = {p: m for p, m in adapter_modules(gm).items() if m.adapter_name == adapter_name}
+    mods = {m.site_name: m for m in site_adapters(own).values()}
+    copies = {p: m for p, m in own.items() if isinstance(m, FullCopy)}  # modules_to_save, trained biases
     if not mods:
         have = sorted({m.adapter_name for m in adapter_modules(gm).values()})
         raise AdapterFileError(f"the graph holds no adapter named {adapter_name!r} (it holds {have}); "
@@ -239,10 +243,11 @@ def save_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_name:
     lost = [s for s in mods if s not in sites]
     if lost:
         raise AdapterFileError(f"adapter sites {lost[:3]} are no longer call sites of this graph; was it edited by hand?")
-    config = _config_for(gm, method, mods, sites)
-    shapes = _check_round_trip(gm, method, config, mods, sites)
+    config = _config_for(gm, method, mods, sites, copies)
+    shapes = _check_round_trip(gm, method, config, mods, sites, copies)
     tensors = {f"{_PREFIX}{n}.{k}": t.detach().to("cpu").reshape(shapes[n][k]).contiguous().clone()
                for n, m in mods.items() for k, t in method.site_tensors(m, sites[n]).items()}
+    tensors.update({_PREFIX + k: t.to("cpu").contiguous().clone() for k, t in copy_tensors(copies).items()})
     shared = getattr(gm, Method.shared_path(method.name, adapter_name), None)
     if shared is not None:  # state every site of the adapter reads (VeRA's matrices), under the method's keys
         tensors.update({k: t.detach().to("cpu").contiguous().clone() for k, t in method.shared_tensors(shared).items()})
@@ -251,31 +256,57 @@ def save_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_name:
                                       (CONFIG_NAME, _text_writer(json.dumps(config, indent=2, sort_keys=True) + "\n"))])
 
 
+_TASKS = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
+          "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
+
+
+def _task_type(gm: fx.GraphModule, copies: dict[str, FullCopy]) -> str | None:
+    """PEFT's ``task_type`` for the traced class; a task that would make PEFT save modules this adapter does not
+    copy (a classifier it left frozen) is written as None."""
+    cls = _model_class(gm) or ""
+    task = next((t for suffix, t in _TASKS.items() if cls.endswith(suffix)), None)
+    if task in TASK_MODULES:
+        _, owners = saved_modules(gm, list(TASK_MODULES[task]))
+        if not set(owners) <= {m.owner for m in copies.values() if m.kind == "module"}:
+            return None
+    return task
+
+
 def _config_for(gm: fx.GraphModule, method: type[Method], mods: dict[str, AdapterModule],
-                sites: dict[str, Site]) -> dict[str, Any]:
+                sites: dict[str, Site], copies: dict[str, FullCopy]) -> dict[str, Any]:
     targeted = {n: method.target_partition(m) for n, m in mods.items()}
     universe = _module_names(gm, sites)
     target_modules = _short_keys(targeted, {n: targeted.get(n) for n in universe})
-    cls = _model_class(gm) or ""
     return {"peft_type": method.name.upper(), "base_model_name_or_path": None, "revision": None,
-            "task_type": "CAUSAL_LM" if cls.endswith(("ForCausalLM", "LMHeadModel")) else None,
-            "inference_mode": True, "target_modules": target_modules, "exclude_modules": None,
-            "modules_to_save": None, **method.config_fields(mods, sites, _pattern_keys, target_modules)}
+            "task_type": _task_type(gm, copies), "inference_mode": True, "target_modules": target_modules,
+            "exclude_modules": None, "modules_to_save": None,
+            **method.config_fields(mods, sites, _pattern_keys, target_modules), **copy_config_fields(copies)}
+
+
+def _copy_layout(items) -> set:
+    return {(c.owner, c.kind, c.mode, tuple(sorted(c.bases.items())), tuple(sorted(c.keys.items()))) for c in items}
 
 
 def _check_round_trip(gm: fx.GraphModule, method: type[Method], config: dict[str, Any],
-                      mods: dict[str, AdapterModule], sites: dict[str, Site]) -> dict[str, dict[str, tuple]]:
-    """The written config must select exactly these sites with exactly these values under PEFT's rules.
-    Returns each site's PEFT tensor shapes."""
+                      mods: dict[str, AdapterModule], sites: dict[str, Site],
+                      copies: dict[str, FullCopy]) -> dict[str, dict[str, tuple]]:
+    """The written config must select exactly these sites with exactly these values, and ask for exactly these
+    full copies, under PEFT's rules. Returns each site's PEFT tensor shapes."""
     try:
         fx_config = method.config_from_peft(config)
-        again = {s.name: s for s in select_sites(gm, fx_config, method, sites)}
+        chosen = select_sites(gm, fx_config, method, sites)
+        again = {s.name: s for s in chosen}
+        plans = plan_copies(gm, fx_config, next(iter(mods.values())).adapter_name, chosen, check_free=False)
     except FxPeftError as e:
         raise AdapterFileError(f"internal: the config fxpeft built does not resolve on its own graph: {e}") from e
     if set(again) != set(mods) or any(method.site_settings(fx_config, sites[n]) != method.adapter_settings(m)
                                       for n, m in mods.items()):
         raise AdapterFileError("internal: no PEFT target_modules/pattern set reproduces this adapter's sites and "
                                "values exactly; please report this graph")
+    if _copy_layout(plans) != _copy_layout(copies.values()):
+        raise AdapterFileError("no PEFT modules_to_save/bias setting reproduces this adapter's trained copies exactly "
+                               "(PEFT matches modules_to_save names as suffixes: another module ends with the same "
+                               "name?); the file would load differently")
     return {n: method.site_shapes(fx_config, sites[n]) for n in mods}
 
 
@@ -303,7 +334,7 @@ def _method_of(config: dict[str, Any]) -> type[Method]:
 def config_from_peft(peft_config: Any):
     """Convert an HF PEFT config object (``peft.LoraConfig``, ``peft.IA3Config``, ...) into fxpeft's config.
 
-    Features fxpeft does not implement (DoRA, ``modules_to_save``, ...) raise :class:`AdapterFileError`.
+    Features fxpeft does not implement (trainable tokens, PiSSA inits, ...) raise :class:`AdapterFileError`.
 
     Example:
         >>> import peft, fxpeft
@@ -409,7 +440,9 @@ def load_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_name:
     rewrites ``gm`` and copies the weights in. On any error ``gm`` is unchanged.
 
     Covered: every registered method with a file format (LoRA: linear, GPT-2 ``Conv1D``, conv, embedding,
-    ``use_rslora``, ``rank_pattern``, ``alpha_pattern``, ``exclude_modules``; IA3: ``feedforward_modules``). Base
+    ``use_rslora``, ``rank_pattern``, ``alpha_pattern``, ``exclude_modules``, ``lora_bias``; IA3:
+    ``feedforward_modules``; both: ``layers_to_transform``/``layers_pattern``, and ``modules_to_save``, ``task_type``
+    heads and ``bias`` as trained copies, :mod:`fxpeft.copies`). Base
     weights that PEFT saved alongside (``save_embedding_layers``) are loaded into the base parameter when they
     differ from it, as PEFT does, with a warning. Features fxpeft does not implement are refused with an error
     naming them, and so is a directory with only the pickled ``adapter_model.bin``.
@@ -446,16 +479,24 @@ def load_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_name:
     except TargetError as e:
         raise AdapterFileError(f"{CONFIG_NAME} does not fit this graph (the adapter of another architecture?): {e}") from e
     shapes = {s.name: method.site_shapes(fx_config, s) for s in chosen}
+    try:
+        plans = plan_copies(gm, fx_config, adapter_name, chosen)  # modules_to_save, trained biases
+    except TargetError as e:
+        raise AdapterFileError(f"{CONFIG_NAME} does not fit this graph: {e}") from e
     shared = _take_shared(tensors, method.shared_shapes(fx_config, chosen))
+    copied = take_copy_tensors(tensors, plans, _PREFIX)
     by_site, base = _match_tensors(tensors, shapes, method.refused_keys(), gm, sites)
     _warn_differences(method, chosen, "load_adapter")
-    exact = dataclasses.replace(fx_config, target_modules=_exact_regex(shapes), exclude_modules=None)
+    exact = dataclasses.replace(fx_config, target_modules=_exact_regex(shapes), exclude_modules=None,
+                                layers_to_transform=None, layers_pattern=None)
 
     with transaction(gm) as txn:  # ---- validated: rewrite, then copy tensors whose shapes are checked ----
         rewrite_graph(gm, exact, adapter_name)
-        mods = {m.site_name: m for m in adapter_modules(gm).values() if m.adapter_name == adapter_name}
+        own = {p: m for p, m in adapter_modules(gm).items() if m.adapter_name == adapter_name}
+        mods = {m.site_name: m for m in site_adapters(own).values()}
         for name in shapes:
             method.load_site_tensors(mods[name], sites[name], by_site[name])
+        load_copy_tensors({p: m for p, m in own.items() if isinstance(m, FullCopy)}, copied)
         if shared:
             method.load_shared_tensors(getattr(gm, Method.shared_path(method.name, adapter_name)), shared)
         changed = _load_base(gm, base, txn)
@@ -485,12 +526,16 @@ def hotswap_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_na
         >>> gm.code == code, torch.allclose(gm(x), want)
         (True, True)
     """
-    mods = {m.site_name: m for m in adapter_modules(gm).values() if m.adapter_name == adapter_name}
+    own = {p: m for p, m in adapter_modules(gm).items() if m.adapter_name == adapter_name}
+    mods = {m.site_name: m for m in site_adapters(own).values()}
     if not mods:
         raise AdapterFileError(f"the graph holds no adapter named {adapter_name!r} (it holds "
                                f"{sorted({m.adapter_name for m in adapter_modules(gm).values()})})")
     config, tensors = _open_adapter_dir(directory)
     method = _method_of(config)
+    if len(own) > len(mods) or saved_names(method.config_from_peft(config)) or config.get("bias", "none") != "none":
+        raise AdapterFileError("hot-swapping adapters with modules_to_save or trained biases is not supported; "
+                               "use load_adapter")
     if {m.method for m in mods.values()} != {method.name}:
         raise AdapterFileError(f"the file holds a {method.display_name} adapter; {adapter_name!r} is "
                                f"{sorted({m.method for m in mods.values()})}: a hot-swap keeps the method")
@@ -524,7 +569,7 @@ def prepare_for_hotswap(gm: fx.GraphModule, *, target_rank: int | None = None) -
     sites = find_sites(gm)
     with transaction(gm):
         fused = UnfuseLowRankSiblings()(gm).modified  # fused splits bake the ranks in: re-fuse after padding
-        for m in adapter_modules(gm).values():
+        for m in site_adapters(adapter_modules(gm)).values():
             PeftRegistry.get(m.method).prepare_swap(m, sites[m.site_name], target_rank)
         if fused:
             FuseLowRankSiblings()(gm)

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 
 from torch import fx
 
+from .copies import check_active
 from .errors import ConfigError
 from .passes import FoldAdapters, MergeAdapters, RemoveAdapters
 from .passes.inject import adapter_modules, ordered_names
@@ -78,7 +79,8 @@ def set_adapter(gm: fx.GraphModule, adapter_name: str | list[str]) -> None:
     No code is generated: the graph reads each adapter's gate at run time.
 
     Raises:
-        ConfigError: a name ``gm`` does not hold (the message lists those it holds); nothing changes.
+        ConfigError: a name ``gm`` does not hold (the message lists those it holds), or two of the adapters save one
+            module whole (``modules_to_save``: one at a time, as in PEFT); nothing changes.
 
     Example:
         >>> import torch, fxpeft
@@ -90,6 +92,7 @@ def set_adapter(gm: fx.GraphModule, adapter_name: str | list[str]) -> None:
     """
     names = _names(adapter_name)
     select_adapters(gm, names)  # validates every name first
+    check_active(gm, names)  # one module saved whole (modules_to_save) is used by one adapter at a time
     for m in adapter_modules(gm).values():
         on = m.adapter_name in names
         m.set_active(on)

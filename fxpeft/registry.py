@@ -40,6 +40,15 @@ class PeftConfigBase:
     #: keep the adapter in the base weight's dtype; False (PEFT's default) keeps it in fp32 on a bf16/fp16 base
     #: and casts around it in the graph, as PEFT's ``autocast_adapter_dtype=True`` does.
     keep_base_dtype: bool = False
+    #: adapt only these layer indices (PEFT's rule: the first numbered module-name component, or the one after a
+    #: ``layers_pattern`` component); applies to list ``target_modules`` entries matched as suffixes.
+    layers_to_transform: int | list[int] | None = None
+    layers_pattern: list[str] | str | None = None
+    #: modules trained whole, as a per-adapter copy (PEFT's ``ModulesToSaveWrapper``); see :mod:`fxpeft.copies`.
+    modules_to_save: list[str] | None = None
+    #: PEFT's task type; ``SEQ_CLS``/``TOKEN_CLS`` add ``classifier``/``score`` and ``QUESTION_ANS`` adds
+    #: ``qa_outputs`` to ``modules_to_save``, as PEFT's task models do.
+    task_type: str | None = None
 
 
 class AdapterModule(nn.Module):
@@ -116,7 +125,9 @@ class Emit:
     """Builds one adapter's nodes at one call, in the graph's dialect, each tagged with an :class:`AdapterTag`.
 
     Methods write aten ops (``torch.ops.aten.linear.default``); in a symbolic_trace graph :func:`fx_callable`
-    maps them to the torch function of the same schema. Inserted nodes inherit the call's module stack.
+    maps them to the torch function of the same schema. Inserted nodes inherit the call's module stack. A node is
+    named ``<site>_<role>`` (``q_proj_down``), or ``<site>_<label>`` where the method passes ``label=`` (a term of
+    its formula, ``q_proj_delta_weight``), so that ``gm.code`` reads as the method's maths.
 
     Attributes:
         call: the site call being adapted (``call.node`` computes the base output, ``call.input`` is ``x``).
@@ -133,24 +144,25 @@ class Emit:
         #: ``id(adapter module) -> its path`` (mixed-batch graphs only, for :meth:`param_of`)
         self.paths: dict[int, str] = {}
 
-    def _node(self, op: str, target, args, kwargs, role: Role, replaces: int | None = None) -> fx.Node:
+    def _node(self, op: str, target, args, kwargs, role: Role, replaces: int | None = None,
+              label: str | None = None) -> fx.Node:
         # Names like ``q_proj_down`` make gm.code read as the adapter it is.
         stem = self.tag.site.replace(".", "_").replace(":", "_")
-        node = self.graph.create_node(op, target, tuple(args), dict(kwargs), name=f"{stem}_{role.value}")
+        node = self.graph.create_node(op, target, tuple(args), dict(kwargs), name=f"{stem}_{label or role.value}")
         set_tag(node, self.tag.with_role(role, replaces=replaces))
         if "nn_module_stack" in self.call.node.meta:
             node.meta["nn_module_stack"] = dict(self.call.node.meta["nn_module_stack"])
         return node
 
     def op(self, aten_op: torch._ops.OpOverload, *args, role: Role = Role.COMPUTE, replaces: int | None = None,
-           **kwargs) -> fx.Node:
-        """A ``call_function`` node of ``aten_op`` (mapped to the graph's dialect)."""
+           label: str | None = None, **kwargs) -> fx.Node:
+        """A ``call_function`` node of ``aten_op`` (mapped to the graph's dialect); ``label`` names it."""
         target = aten_op if self.export else fx_callable(aten_op)
-        return self._node("call_function", target, args, kwargs, role, replaces)
+        return self._node("call_function", target, args, kwargs, role, replaces, label)
 
-    def param(self, attr: str, role: Role = Role.PARAM) -> fx.Node:
-        """Read a parameter or buffer of this adapter's submodule."""
-        return self._node("get_attr", f"{self.tag.module}.{attr}", (), {}, role)
+    def param(self, attr: str, role: Role = Role.PARAM, label: str | None = None) -> fx.Node:
+        """Read a parameter or buffer of this adapter's submodule; ``label`` names the node."""
+        return self._node("get_attr", f"{self.tag.module}.{attr}", (), {}, role, label=label)
 
     def param_of(self, adapter: AdapterModule, attr: str, role: Role = Role.PARAM) -> fx.Node:
         """Read a parameter or buffer of another adapter's submodule (a mixed batch reads every adapter's)."""
@@ -166,9 +178,9 @@ class Emit:
         """Read a tensor of the method's state shared by every site of this adapter (see :meth:`Method.shared_state`)."""
         return self._node("get_attr", f"{Method.shared_path(self.tag.method, self.tag.adapter)}.{attr}", (), {}, role)
 
-    def module(self, sub: str, *args, role: Role = Role.COMPUTE) -> fx.Node:
+    def module(self, sub: str, *args, role: Role = Role.COMPUTE, label: str | None = None) -> fx.Node:
         """Call a submodule of this adapter's submodule (a dropout, so ``train()``/``eval()`` switches it)."""
-        return self._node("call_module", f"{self.tag.module}.{sub}", args, {}, role)
+        return self._node("call_module", f"{self.tag.module}.{sub}", args, {}, role, label=label)
 
     def add_module(self, name: str, module: nn.Module, *args, role: Role = Role.COMPUTE) -> fx.Node:
         """Give the graph module a helper submodule next to this adapter's (``<adapter path>_<name>``), and call it."""
@@ -176,10 +188,14 @@ class Emit:
         self.gm.add_submodule(path, module)
         return self._node("call_module", path, args, {}, role)
 
-    def weight(self) -> fx.Node:
+    def weight(self, own: bool = False) -> fx.Node:
         """The site's base weight as a graph value, in its stored layout (``site.fan_in_fan_out`` says which):
-        the call's own weight node where it has one, else a new read of the parameter."""
-        if self.call.weight_node is not None:
+        the call's own weight node where it has one, else a new read of the parameter.
+
+        ``own=True`` always makes a new read, tagged as this adapter's: for a method that reads the weight beside
+        the call (DoRA's weight norm) rather than in its place, so the merge passes do not take the read for
+        another call site sharing the weight (a tie)."""
+        if self.call.weight_node is not None and not own:
             return self.call.weight_node
         return self._node("get_attr", self.site.weight, (), {}, Role.BASE_WEIGHT)
 
@@ -448,6 +464,8 @@ def _type_ok(value: Any, annotation: str) -> bool:
               "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str),
               "None": lambda v: v is None,
               "list[str]": lambda v: isinstance(v, (list, tuple, set)) and all(isinstance(x, str) for x in v),
+              "list[int]": lambda v: isinstance(v, (list, tuple, set)) and all(
+                  isinstance(x, int) and not isinstance(x, bool) for x in v),
               "dict[str, int]": lambda v: isinstance(v, dict) and all(isinstance(x, int) and not isinstance(x, bool)
                                                                          for x in v.values()),
               "dict[str, float]": lambda v: isinstance(v, dict) and all(
@@ -455,11 +473,16 @@ def _type_ok(value: Any, annotation: str) -> bool:
     return any(checks.get(part.strip(), lambda v: True)(value) for part in annotation.split("|"))
 
 
+def is_unset(value: Any) -> bool:
+    """PEFT's "not used" values for a config field: None, False, or an empty list/dict/string (``0`` is a value)."""
+    return value is None or value is False or (isinstance(value, (list, tuple, dict, str, set)) and not value)
+
+
 def config_from_fields(method: type[Method], fields: dict[str, Any]) -> Any:
     """Check PEFT config fields against ``method.config_cls`` and build it (the default ``config_from_peft``)."""
     own = {f.name: f for f in dataclasses.fields(method.config_cls)}
     known = set(own) | set(method.peft_fields) | _PEFT_COMMON
-    unknown = {k: v for k, v in fields.items() if k not in known and v not in (None, False, {}, [], "")}
+    unknown = {k: v for k, v in fields.items() if k not in known and not is_unset(v)}
     if unknown:
         k, v = next(iter(unknown.items()))
         raise AdapterFileError(f"the adapter sets {k}={v!r}, a {method.display_name or method.name} feature fxpeft "
@@ -474,8 +497,11 @@ def config_from_fields(method: type[Method], fields: dict[str, Any]) -> Any:
                                    "or re-save the adapter")
         kwargs[name] = sorted(value) if isinstance(value, (set, frozenset)) else value
     try:
+        from .targeting import check_fields
+
         config = method.config_cls(**kwargs)
         method.validate_config(config)
+        check_fields(config)  # layers_to_transform, modules_to_save, task_type: every method's
     except ConfigError as e:
         raise AdapterFileError(f"adapter_config.json: {e}") from None
     return config

@@ -183,6 +183,7 @@ def _input_key(node: fx.Node, pos: int, name: str) -> int | str | None:
 
 
 def _bias_target(gm: fx.GraphModule, bias) -> str | None:
+    bias, _ = _see_through(bias)  # a trained copy standing in for the bias (fxpeft.copies)
     if isinstance(bias, fx.Node) and bias.op == "get_attr" and isinstance(_attr(gm, bias.target), nn.Parameter):
         return bias.target
     return None
@@ -294,7 +295,7 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> tuple[dict, Call] | None:
         return (dict(name=name, kind="conv", weight=wnode.target, bias=_bias_target(gm, _arg(node, 2, "bias")),
                      in_features=w.shape[1] * groups, out_features=w.shape[0], kernel_size=tuple(w.shape[2:]),
                      stride=stride, padding=padding, dilation=dilation, groups=groups, module_type=cls),
-                Call(node, key, wnode, node))
+                Call(node, key, wnode, p[1] or node))  # p[1]: an adapter standing in for the weight
     if t in _EMBEDDING_OPS:
         ipos, wpos, ppos = _EMBEDDING_OPS[t]
         p = _param_arg(gm, _arg(node, wpos, "weight"))
@@ -308,7 +309,7 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> tuple[dict, Call] | None:
         name, cls = _site_name(gm, wnode.target, node)
         return (dict(name=name, kind="embedding", weight=wnode.target, bias=None, in_features=w.shape[0],
                      out_features=w.shape[1], padding_idx=pad, module_type=cls),
-                Call(node, key, wnode, node))
+                Call(node, key, wnode, p[1] or node))  # p[1]: an adapter standing in for the weight
     return None
 
 

@@ -53,6 +53,11 @@ class Role(enum.Enum):
     DOWN_CAT = "down_cat"        # fusion: cat of sibling A matrices
     DOWN_SPLIT = "down_split"    # fusion: split of the fused down projection
     DOWN_PART = "down_part"      # fusion: one site's slice of the split
+    MAGNITUDE = "magnitude"      # get_attr of a trained magnitude vector (DoRA's m)
+    NORM_TERM = "norm_term"      # a step of a weight norm computed in factored form
+    WEIGHT_NORM = "weight_norm"  # the (detached) norm of the adapted weight per output (DoRA's ||W + s·BA||)
+    MAGNITUDE_SCALE = "magnitude_scale"  # magnitude / weight norm per output (1 while the adapter is off)
+    GATE = "gate"                # get_attr of the adapter's run-time on/off buffer
     COMPUTE = "compute"          # any other step of a method's subgraph
     OUT = "out"                  # the value that replaces a base value (see the class docstring)
 

@@ -14,6 +14,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from fxpeft.copies import FullCopy, fold_copy, unfold_copy
 from fxpeft.errors import MergeError
 from fxpeft.registry import AdapterModule, PeftRegistry
 from fxpeft.sites import find_sites
@@ -62,8 +63,16 @@ class FoldAdapters:
             return PassResult(gm, False)
         sites = find_sites(gm)
         readers = _readers_index(gm)
+        # full copies (modules_to_save, trained biases) set the base values a method's fold then adds to:
+        # they go in first, and come out last
+        todo = dict(sorted(todo.items(), key=lambda kv: isinstance(kv[1], FullCopy) == self.undo))
         with torch.no_grad(), transaction(gm) as txn:
             for m in todo.values():
+                if isinstance(m, FullCopy):
+                    (unfold_copy if self.undo else fold_copy)(gm, m, txn)
+                    txn.on_rollback(lambda m=m, was=m.merged: m.set_merged(was))
+                    m.set_merged(not self.undo)
+                    continue
                 site = sites[m.site_name]
                 weight = gm.get_parameter(site.weight)
                 if any(u not in _own_readers(site) for u in readers.get(id(weight), ())):
@@ -80,6 +89,10 @@ class FoldAdapters:
         if not (_fits(w, weight.dtype) and (b is None or _fits(b, weight.dtype))):
             raise MergeError(f"folding {m.adapter_name!r} into {site.weight!r} gives non-finite values; nothing was "
                              "changed")
+        if bias is None and b is not None:
+            raise MergeError(f"{m.adapter_name!r} adds a bias at {site.name!r}, which has none (lora_bias=True); "
+                             "merge_adapter changes no code, so it cannot give the site one. Use fxpeft.merge, "
+                             "which does; nothing was changed")
         txn.will_write(weight)
         weight.copy_(w.to(weight.dtype))
         if bias is not None and b is not None:

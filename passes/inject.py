@@ -16,6 +16,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from fxpeft.copies import FullCopy, build_copies, insert_copies, plan_copies
 from fxpeft.errors import AdapterExistsError, ConfigError, UnsupportedSiteError
 from fxpeft.registry import AdapterModule, Emit, Method, PeftRegistry
 from fxpeft.sites import Site, find_sites
@@ -93,6 +94,8 @@ def _check_free(gm: fx.GraphModule, method: type[Method], name: str, chosen: lis
         existing.setdefault(m.site_name, []).append(m)
     for s in chosen:
         for m in existing.get(s.name, ()):
+            if isinstance(m, FullCopy):  # another adapter's trained copy of this module's bias: no conflict
+                continue
             if m.adapter_name == name:
                 raise AdapterExistsError(
                     f"site {s.name!r} already holds adapter {name!r} ({m.method}); pass another adapter_name, or "
@@ -148,12 +151,14 @@ class InjectAdapter:
         paths = {s.name: _adapter_path(gm, s, method.name, name) for s in chosen}
         _check_free(gm, method, name, chosen, paths)
         method.check_selection(config, chosen)
+        # modules_to_save / trained biases: per-adapter copies of base tensors (fxpeft.copies), checked here too
+        copies = build_copies(plan_copies(gm, config, name, chosen), name)
         adapters = {s.name: method.build(s, config, name, gm.get_parameter(s.weight)) for s in chosen}
         order = {m.adapter_name: getattr(m, "order", 0) for m in adapter_modules(gm).values()}
-        for m in adapters.values():  # PEFT lists adapters in the order they were added
+        for m in [*adapters.values(), *copies.values()]:  # PEFT lists adapters in the order they were added
             m.order = order.get(name, max(order.values(), default=0) + 1)
         if any(m.adapter_name != name for m in adapter_modules(gm).values()):
-            for m in adapters.values():  # PEFT's add_adapter: a further adapter is added, not made active
+            for m in [*adapters.values(), *copies.values()]:  # PEFT's add_adapter: added, not made active
                 m.set_active(False)
         first = gm.get_parameter(chosen[0].weight)
         shared = method.shared_state(config, chosen, name, first.dtype, first.device)
@@ -168,6 +173,7 @@ class InjectAdapter:
                     emit = Emit(gm, tag, call, s, info.dialect == "export")
                     with gm.graph.inserting_before(call.node.next):
                         method.insert(emit, s, adapters[s.name])
+            insert_copies(gm, copies)
             freeze_base(gm)
             gm.graph.lint()
             if self.recompile:

@@ -19,10 +19,11 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
+from fxpeft.copies import FullCopy, site_adapters, write_copies
 from fxpeft.errors import MergeError
 from fxpeft.registry import AdapterModule, PeftRegistry
 from fxpeft.sites import Site, _attr, find_sites
-from fxpeft.tags import TAG_KEY, get_tag
+from fxpeft.tags import TAG_KEY, get_tag, graph_info
 
 from .remove import detach_adapters, restore_base_flags, select_adapters
 from .transaction import Transaction, transaction
@@ -124,8 +125,9 @@ class MergeAdapters:
             gm.graph.lint()
             return PassResult(gm, False)
         sites = find_sites(gm)
+        copies = [m for m in mods.values() if isinstance(m, FullCopy)]
         plan: dict[str, list[AdapterModule]] = {}
-        for path, m in mods.items():
+        for path, m in site_adapters(mods).items():
             if m.site_name not in sites:
                 raise MergeError(f"adapter {path!r} sits on {m.site_name!r}, which is no longer a call site of this "
                                  "graph; was the graph edited by hand?")
@@ -138,6 +140,7 @@ class MergeAdapters:
                                      "non-finite values (NaN/inf); the adapter weights have diverged. Nothing was "
                                      "merged; check the training (learning rate, loss scaling) or reload a good adapter.")
             with transaction(gm) as txn:
+                write_copies(gm, copies, txn)  # first: a bias a method folds into is the trained copy's
                 _write(gm, sites, plan, txn)
                 detach_adapters(gm, mods)
                 restore_base_flags(gm)
@@ -173,4 +176,51 @@ def _write(gm: fx.GraphModule, sites: dict[str, Site], plan: dict[str, list[Adap
             txn.replace_data(weight, w.to(weight.dtype))
         if bias is not None and b is not None:
             txn.replace_data(bias, b.to(bias.dtype))
+        elif b is not None:  # a method's bias (LoRA's lora_bias) on a site without one: the site gets a bias
+            _add_bias(gm, site, b.to(weight.dtype), weight)
         del w, b
+
+
+def _add_bias(gm: fx.GraphModule, site: Site, value: torch.Tensor, weight: nn.Parameter) -> None:
+    """Give a site without a bias a new bias parameter holding ``value``, applied by each of its calls: as the
+    op's own bias argument where it has one (linear, conv, a module's ``bias``), else as an add after the call."""
+    info = graph_info(gm)
+    flag = (info.frozen or {}).get(site.weight, weight.requires_grad)
+    new = nn.Parameter(value, requires_grad=flag)
+    module = _attr(gm, site.name)
+    if all(c.node.op == "call_module" for c in site.calls):
+        module.bias = new  # nn.Linear/Conv call F.linear/conv with self.bias
+        return
+    if isinstance(module, nn.Module) and site.weight == f"{site.name}.weight" and getattr(module, "bias", None) is None:
+        path = f"{site.name}.bias"
+        if "bias" in module._parameters:
+            del module._parameters["bias"]  # registered as None (bias=False): make room
+    else:
+        path = f"{site.weight}_bias"
+    _set_param(gm, path, new)
+    for call in site.calls:
+        node = call.node
+        with gm.graph.inserting_before(node):
+            read = gm.graph.get_attr(path)
+        if node.op == "call_module":
+            raise MergeError(f"{site.name!r} is called both as a module and functionally; cannot give it a bias")
+        if node.target in _BIAS_AT_2 and (len(node.args) == 2 and "bias" not in node.kwargs
+                                           or len(node.args) > 2 and node.args[2] is None):
+            node.args = (*node.args[:2], read, *node.args[3:])
+            continue
+        if site.kind != "linear":
+            raise MergeError(f"cannot give the {site.kind} site {site.name!r} a bias (op {node.target}); merge fails")
+        export = graph_info(gm).dialect == "export"
+        with gm.graph.inserting_after(node):
+            add = gm.graph.call_function(aten.add.Tensor if export else torch.add, (node, read))
+        node.replace_all_uses_with(add, delete_user_cb=lambda u: u is not add)
+        if "nn_module_stack" in node.meta:
+            add.meta["nn_module_stack"] = dict(node.meta["nn_module_stack"])
+
+
+aten = torch.ops.aten
+# ops whose third argument is the bias (None when there is none)
+_BIAS_AT_2 = {aten.linear.default, torch.nn.functional.linear, torch._C._nn.linear, aten.conv1d.default,
+              aten.conv2d.default, aten.conv3d.default, aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding,
+              aten.convolution.default, torch.nn.functional.conv1d, torch.nn.functional.conv2d,
+              torch.nn.functional.conv3d}

@@ -19,6 +19,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.utils import _pytree as pytree
 
+from fxpeft.copies import FullCopy
 from fxpeft.errors import InputShapeError, MergeError, UnsupportedSiteError
 from fxpeft.registry import AdapterModule, Emit, PeftRegistry
 from fxpeft.serialize import FxPeftGraphModule
@@ -77,6 +78,10 @@ def _copy_graph(graph: fx.Graph) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
 def _slots(gm: fx.GraphModule) -> tuple[tuple[str, ...], dict[str, list[AdapterModule | None]]]:
     """The row-index table, and each adapted site's adapter per index (None where a row gets the base)."""
     mods = adapter_modules(gm)
+    copied = sorted({m.adapter_name for m in mods.values() if isinstance(m, FullCopy)})
+    if copied:
+        raise UnsupportedSiteError(f"adapters {copied} train full copies (modules_to_save or biases), which have no "
+                                   "mixed-batch form yet; serve them one at a time (fxpeft.set_adapter) or merge them")
     merged = sorted({m.adapter_name for m in mods.values() if m.merged})
     if merged:
         raise MergeError(f"adapters {merged} are merged into the weights; a mixed batch needs unmerged adapters: "

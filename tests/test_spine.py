@@ -402,8 +402,9 @@ def test_peft_config_objects_are_accepted_and_batch_one_warns():
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     fxpeft.rewrite(gm, cfg)
     assert fxpeft.get_nb_trainable_parameters(gm) == peft_counts(model, cfg)
-    with pytest.raises(fxpeft.FxPeftError, match="DoRA"):
-        fxpeft.rewrite(fxpeft.trace(model, kwargs=kwargs), peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    dora = peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)  # DoRA: the magnitudes count too
+    assert fxpeft.get_nb_trainable_parameters(fxpeft.rewrite(fxpeft.trace(model, kwargs=kwargs), dora)) == \
+        peft_counts(model, dora)
     with pytest.warns(UserWarning, match="size-1 dims"):
         fxpeft.trace(model, kwargs={"input_ids": kwargs["input_ids"][:1], "use_cache": False})
 

@@ -14,6 +14,8 @@ Measures:
   merged    merged inference vs the traced base graph and the HF eager model (eager and compiled)
   merge     fxpeft.merge vs PEFT's merge_and_unload
   switch    set_adapter between two adapters, against one train step (the goal: <= 5 %)
+  dora      one DoRA (use_dora=True) train step, eager, lora_dropout 0.0: fxpeft vs PEFT (same weights, logits
+            checked first)
   mixed     a mixed batch (32 rows, K = 1, 4, 16, 32 adapters of rank 16, one per row round-robin), inference:
             fxpeft's ``adapter_names=`` forward vs PEFT's, and vs each library's one-adapter unmerged forward;
             then fxpeft's mixed graph vs its one-adapter graph, both under torch.compile
@@ -57,7 +59,7 @@ import fxpeft  # noqa: E402
 from fxpeft.zoo import tiny_llama  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ALL_MEASURES = ("rewrite", "train", "compile", "infer", "merged", "merge", "memory", "switch", "mixed")
+ALL_MEASURES = ("rewrite", "train", "compile", "infer", "merged", "merge", "memory", "switch", "mixed", "dora")
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ CASES = {
     "default": Case("default", 4, 512, 4, 128),
     "large": Case("large", 4, 1024, 4, 128, measures=("train", "infer", "memory")),
     "rewrite32": Case("rewrite32", 32, 512, 2, 16, dropouts=(0.1,), measures=("rewrite",)),
-    "smoke": Case("smoke", 1, 64, 2, 16, dropouts=(0.0, 0.1), measures=("rewrite", "train", "infer", "merged", "merge",
+    "smoke": Case("smoke", 1, 64, 2, 16, dropouts=(0.0, 0.1), measures=("rewrite", "train", "infer", "merged", "merge", "dora",
                                                                          "memory", "switch", "mixed"),
                   mixed_rows=4, mixed_seq=8, mixed_ks=(2,)),
 }
@@ -103,6 +105,7 @@ GOALS: dict[tuple[str, str], tuple[str, Callable[[float], bool]]] = {
     ("mixed", "compiled"): ("≤ 1.25", lambda r: r <= 1.25),
     ("memory", "0.0"): ("≤ 1.0", lambda r: r <= 1.0),
     ("memory", "0.1"): ("≤ 1.0", lambda r: r <= 1.0),
+    ("dora", "0.0"): ("≤ 0.80", lambda r: r <= 0.80),
 }
 
 
@@ -162,15 +165,16 @@ def summarize(times: dict[str, list[float]], num: str, den: str) -> dict:
             "pairs": len(ratios), "samples_ms": {k: [round(1e3 * t, 3) for t in v] for k, v in times.items()}}
 
 
-def peft_lora(model: torch.nn.Module, case: Case, dropout: float):
+def peft_lora(model: torch.nn.Module, case: Case, dropout: float, dora: bool = False):
     from peft import LoraConfig, get_peft_model
 
     return get_peft_model(model, LoraConfig(r=case.r, lora_alpha=case.alpha, lora_dropout=dropout,
-                                            target_modules=TARGETS))
+                                            target_modules=TARGETS, use_dora=dora))
 
 
-def fx_config(case: Case, dropout: float) -> fxpeft.LoraConfig:
-    return fxpeft.LoraConfig(r=case.r, lora_alpha=case.alpha, lora_dropout=dropout, target_modules=TARGETS)
+def fx_config(case: Case, dropout: float, dora: bool = False) -> fxpeft.LoraConfig:
+    return fxpeft.LoraConfig(r=case.r, lora_alpha=case.alpha, lora_dropout=dropout, target_modules=TARGETS,
+                             use_dora=dora)
 
 
 def same_adapters(gm: torch.nn.Module, pm: torch.nn.Module, seed: int = 1) -> None:
@@ -185,6 +189,8 @@ def same_adapters(gm: torch.nn.Module, pm: torch.nn.Module, seed: int = 1) -> No
             ad.B.copy_(torch.randn(ad.B.shape, generator=g) / ad.B.shape[1] ** 0.5)
             layer.lora_A["default"].weight.copy_(ad.A)
             layer.lora_B["default"].weight.copy_(ad.B)
+            if ad.use_dora:  # DoRA: the magnitudes too (both start at the base weight's norms)
+                layer.lora_magnitude_vector["default"].weight.copy_(ad.magnitude)
 
 
 def saved_bytes(step: Callable[[], Any], params: list[torch.Tensor]) -> int:
@@ -248,11 +254,11 @@ class Bench:
         log(f"[{self.case.name}] {label}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in summary["ms"].items())
             + f"; ratio {summary['ratio']:.3f}")
 
-    def fx(self, dropout: float, fuse: bool = True) -> torch.fx.GraphModule:
-        return fxpeft.rewrite(copy.deepcopy(self.base_gm), fx_config(self.case, dropout), fuse=fuse)
+    def fx(self, dropout: float, fuse: bool = True, dora: bool = False) -> torch.fx.GraphModule:
+        return fxpeft.rewrite(copy.deepcopy(self.base_gm), fx_config(self.case, dropout, dora), fuse=fuse)
 
-    def peft(self, dropout: float):
-        return peft_lora(copy.deepcopy(self.base_hf), self.case, dropout)
+    def peft(self, dropout: float, dora: bool = False):
+        return peft_lora(copy.deepcopy(self.base_hf), self.case, dropout, dora)
 
     # -- measures ---------------------------------------------------------------------------------
     def rewrite(self) -> None:
@@ -311,6 +317,22 @@ class Bench:
         name = "compile" if compiled else "train"
         label = f"LoRA train step{', torch.compile' if compiled else ''}, lora_dropout={dropout}"
         self.add(name, str(dropout), label, summarize(times, "fxpeft", "peft"), extra)
+
+    def dora(self, dropout: float = 0.0) -> None:
+        """One DoRA train step (``use_dora=True``), fxpeft against PEFT, after checking that they compute the same."""
+        torch.manual_seed(0)
+        gm, pm = self.fx(dropout, dora=True), self.peft(dropout, dora=True)
+        same_adapters(gm, pm)
+        gm.eval(), pm.eval()
+        with torch.no_grad():
+            d = (gm(input_ids=self.ids).logits - pm(input_ids=self.ids, use_cache=False).logits).abs().max().item()
+        log(f"[{self.case.name}] DoRA, same adapters, eval: max |logits fxpeft - PEFT| = {d:.2e}")
+        gm.train(), pm.train()
+        trainers = {"fxpeft": Trainer(gm, lambda ids: gm(input_ids=ids), self.ids),
+                    "peft": Trainer(pm, lambda ids: pm(input_ids=ids, use_cache=False), self.ids)}
+        times = alternate({k: timed(tr.step) for k, tr in trainers.items()}, self.pairs("train"), 2)
+        self.add("dora", str(dropout), f"DoRA train step, lora_dropout={dropout}", summarize(times, "fxpeft", "peft"),
+                 {"max_abs_diff_logits_vs_peft": d})
 
     def infer(self) -> None:
         gm, pm = self.fx(0.0), self.peft(0.0)
@@ -390,13 +412,20 @@ class Bench:
                 layer = pm.base_model.model.get_submodule(ad.site_name)
                 layer.lora_A[ad.adapter_name].weight.copy_(ad.A)
                 layer.lora_B[ad.adapter_name].weight.copy_(ad.B)
-        return gm.eval(), pm.eval()
+        # the one-adapter baseline holds a0 alone: a graph computes every adapter it holds (inactive ones at
+        # scale 0), where PEFT skips inactive adapters in Python
+        one = fxpeft.rewrite(copy.deepcopy(self.base_gm), fx_config(self.case, 0.0), "a0")
+        with torch.no_grad():
+            mine = {a.site_name: a for a in fxpeft.adapters(gm).values() if a.adapter_name == "a0"}
+            for ad in fxpeft.adapters(one).values():
+                ad.A.copy_(mine[ad.site_name].A), ad.B.copy_(mine[ad.site_name].B)
+        return gm.eval(), one.eval(), pm.eval()
 
     def mixed(self) -> None:
         c = self.case
         ids = torch.randint(0, c.vocab, (c.mixed_rows, c.mixed_seq), generator=torch.Generator().manual_seed(3))
         for k in c.mixed_ks:
-            gm, pm = self._mixed_pair(k)
+            gm, one, pm = self._mixed_pair(k)
             ours = theirs = [f"a{i % k}" for i in range(c.mixed_rows)]
             with torch.inference_mode():
                 d = (gm(input_ids=ids, adapter_names=ours).logits
@@ -404,7 +433,7 @@ class Bench:
             log(f"[{c.name}] mixed K={k}: max |logits fxpeft - PEFT| = {d:.2e}")
             times = alternate({
                 "fxpeft": timed_inference(lambda: gm(input_ids=ids, adapter_names=ours)),
-                "fxpeft_single": timed_inference(lambda: gm(input_ids=ids)),
+                "fxpeft_single": timed_inference(lambda: one(input_ids=ids)),
                 "peft": timed_inference(lambda: pm(input_ids=ids, use_cache=False, adapter_names=theirs)),
                 "peft_single": timed_inference(lambda: pm(input_ids=ids, use_cache=False))}, self.pairs("infer"), 2)
             extra = {"k": k, "max_abs_diff_logits_vs_peft": d,
@@ -414,12 +443,13 @@ class Bench:
             self.add("mixed", "vs_single", f"mixed batch K={k}: fxpeft mixed / fxpeft one adapter",
                      summarize(times, "fxpeft", "fxpeft_single"), extra)
             if "compile" in self.measures and not (self.args.quick or c.name == "smoke"):
-                self._mixed_compiled(gm, ids, ours, k)
+                self._mixed_compiled(gm, one, ids, ours, k)
 
-    def _mixed_compiled(self, gm: torch.fx.GraphModule, ids: torch.Tensor, names: list[str], k: int) -> None:
+    def _mixed_compiled(self, gm: torch.fx.GraphModule, one: torch.fx.GraphModule, ids: torch.Tensor, names: list[str],
+                        k: int) -> None:
         torch._dynamo.reset()
         index = fxpeft.adapter_index(gm, names)
-        cm, cs = torch.compile(fxpeft.mixed_batch(gm)), torch.compile(gm)
+        cm, cs = torch.compile(fxpeft.mixed_batch(gm)), torch.compile(one)
         extra = {"k": k}
         for key, f in (("mixed", lambda: cm(input_ids=ids, adapter_index=index)), ("single", lambda: cs(input_ids=ids))):
             t = time.perf_counter()
@@ -456,7 +486,7 @@ class Bench:
     def measures(self) -> tuple[str, ...]:
         want = self.args.measures or ALL_MEASURES
         if self.args.quick:
-            want = [m for m in want if m in ("rewrite", "train", "infer", "merge")]
+            want = [m for m in want if m in ("rewrite", "train", "infer", "merge", "dora")]
         return tuple(m for m in self.case.measures if m in want)
 
     def run(self) -> None:
@@ -468,6 +498,8 @@ class Bench:
         for p in self.case.dropouts:
             if "train" in ms:
                 self.train(p)
+        if "dora" in ms:
+            self.dora(0.0)
         if "infer" in ms:
             self.infer()
         if "merged" in ms:

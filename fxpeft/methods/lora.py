@@ -8,12 +8,29 @@ sites, nodes, fold, and PEFT's file format.
 The scaling multiplies the rank-``r`` intermediate rather than the ``out``-wide result: the same product,
 ``out / r`` times fewer multiplies. It is a buffer read at run time (0 while the adapter is switched off).
 
+DoRA (``use_dora=True``) adds a trained magnitude ``m`` per output and rescales, with PEFT's formula::
+
+    g   = m / ||W + s·B·A||          per output (PEFT's norm orientation), detached from autograd (DoRA §4.3)
+    out = y + (g - 1)·y0 + g·B(A(dropout(x)))·s
+
+``y0`` is the base output without its bias; in training behind a dropout it is, as in PEFT, the base weight
+applied to the dropped-out input (:class:`DoraBase`, an extra base matmul). With no bias and no dropout (and
+for an embedding, where PEFT computes ``g·y + g·lora``) the graph computes ``g·(y + B(A(x))·s)``: one
+multiply more than LoRA. The norm is computed in fp32, in factored form, never building ``B·A``
+(:func:`dora_norm`), from the weight as it is at that call (so a merged adapter or a reloaded base weight
+counts at once). While the adapter is off or merged, ``g`` is exactly 1 (the ``gate`` buffer). Folding writes
+``g·(W + s·B·A)`` and keeps that norm for the unfold, as PEFT caches it.
+
 PEFT's file layout (keys under ``base_model.model.<site>.``)::
 
     lora_A.weight       [r, in]          ([r, in, *kernel] for a conv)
     lora_B.weight       [out, r]         ([out, r, 1, ...] for a conv)
     lora_embedding_A    [r, num_embeddings]
     lora_embedding_B    [embedding_dim, r]
+    lora_magnitude_vector  [out]     (DoRA; [1, out, 1, ...] for a conv, [embedding_dim] for an embedding)
+    lora_B.bias         [out]            (lora_bias=True: ``B(a·s) + b·s`` in the graph; linear and conv sites)
+
+``bias="all"``/``"lora_only"`` train copies of base biases (:mod:`fxpeft.copies`, generic to every method).
 """
 
 from __future__ import annotations
@@ -25,9 +42,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
-from fxpeft.errors import AdapterFileError, ConfigError
+from fxpeft.errors import AdapterFileError, ConfigError, UnsupportedSiteError
 from fxpeft.registry import AdapterModule, Emit, Method, PeftConfigBase, PeftRegistry, config_from_fields
 from fxpeft.sites import Site
 from fxpeft.tags import Role
@@ -36,7 +54,7 @@ from fxpeft.untrusted import compile_pattern, pattern_key_match
 if TYPE_CHECKING:
     from fxpeft.combine import Combination
 
-__all__ = ["LoraConfig", "LoraAdapter", "LoraDropout", "Lora"]
+__all__ = ["LoraConfig", "LoraAdapter", "LoraDropout", "DoraBase", "dora_norm", "Lora"]
 
 aten = torch.ops.aten
 
@@ -58,8 +76,11 @@ class LoraConfig(PeftConfigBase):
         rank_pattern: ``{pattern: r}`` overrides per site (PEFT's matching: ``(.*\\.)?pattern$``).
         alpha_pattern: ``{pattern: alpha}`` overrides per site.
         fan_in_fan_out: accepted for PEFT compatibility; fxpeft reads the weight layout off the graph.
-        bias: only ``"none"`` is supported.
-        use_dora: only False is supported.
+        bias: ``"none"``; ``"all"`` trains every base bias, ``"lora_only"`` the adapted sites' biases, each as a
+            per-adapter copy (:mod:`fxpeft.copies`; PEFT's file keys).
+        lora_bias: B gets a trained bias (PEFT's ``lora_B.bias``), scaled with the update. ``merge`` folds it into
+            the site's bias, giving a site without one a new bias (PEFT cannot merge it there).
+        use_dora: DoRA: a trained magnitude per output rescales the adapted weight (``lora.py``'s docstring).
         keep_base_dtype: keep A and B in a bf16/fp16 base's dtype instead of fp32 (PEFT's default is fp32).
 
     Example:
@@ -78,6 +99,7 @@ class LoraConfig(PeftConfigBase):
     fan_in_fan_out: bool = False
     bias: str = "none"
     use_dora: bool = False
+    lora_bias: bool = False
 
 
 class LoraDropout(nn.Dropout):
@@ -109,14 +131,106 @@ def adapter_dtype(weight: torch.Tensor, keep_base_dtype: bool) -> torch.dtype:
     return weight.dtype if weight.dtype.is_floating_point else torch.float32
 
 
+_MAGNITUDE_KEY = "lora_magnitude_vector"
+_BIAS_KEY = "lora_B.bias"
+
+
+def _add_lora_bias(adapter: LoraAdapter, site: Site, init: bool | str) -> None:
+    """``lora_bias=True``: B's bias ``[out]``, zero (PEFT's init), or ``nn.Linear``'s default with random weights."""
+    b = torch.zeros(site.out_features, dtype=adapter.B.dtype, device=adapter.B.device)
+    if init is False:  # PEFT leaves lora_B as nn.Linear / nn.Conv initialised it: fan_in = r
+        bound = 1 / math.sqrt(adapter.r)
+        nn.init.uniform_(b, -bound, bound)
+    adapter.B_bias = nn.Parameter(b)
+
+
+def _bias_fold(adapter: LoraAdapter, bias: torch.Tensor | None, sign: float) -> torch.Tensor | None:
+    """The site's bias with B's bias (lora_bias) folded in (``sign=-1``: out); a site without a bias gets one."""
+    if not hasattr(adapter, "B_bias"):
+        return bias
+    step = adapter.B_bias.detach().float() * (adapter.scaling * sign)
+    return step if bias is None else bias + step
+
+
+def _magnitude_shape(site: Site) -> tuple[int, ...]:
+    """PEFT's shape of DoRA's magnitude: ``[out]``, or ``[1, out, 1, ...]`` for a conv (it broadcasts on the output)."""
+    return (1, site.out_features, *(1,) * len(site.kernel_size)) if site.kind == "conv" else (site.out_features,)
+
+
+def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """DoRA's weight norm is computed in fp32 (fp64 for fp64 adapters), whatever the half dtypes around it."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _eager(aten_op, *args, role: Role | None = None, **kwargs):
+    return aten_op(*args, **kwargs)
+
+
+def dora_norm(op, weight, A, B, s, site: Site, dtype: torch.dtype, factors_dtype: torch.dtype):
+    """PEFT's DoRA norm ``||W + s·B·A||`` per output, computed without building ``B·A``::
+
+        ||w_i + s·(BA)_i||² = ||w_i||² + (sB)_i · (2·(W·Aᵀ)_i + (sB)_i·(A·Aᵀ))
+
+    ``W·Aᵀ`` (``[out, r]``) is the one product with the weight, ``O(out·in·r)``; the rest is ``O(in·r² + out·r²)``.
+    ``A`` and ``B`` are read detached: the norm is a constant for autograd (DoRA §4.3), and records nothing.
+
+    ``op(aten_op, *args, role=..., **kwargs)`` applies an aten op, as graph nodes (:meth:`Lora.insert`) or eagerly
+    (the magnitude's init): the same ops either way, so that with ``B = 0`` the graph's norm equals the initial
+    magnitude to the bit and a zero-initialised adapter changes nothing.
+
+    Args:
+        weight: the base weight in its stored layout, already in ``dtype``.
+        A, B: the adapter's factors in PEFT's layout, in ``factors_dtype``; s: its scaling (a 0-dim tensor).
+        dtype: the dtype of the computation and the result (``[out]``).
+    """
+    if site.kind == "conv":
+        weight, A, B = (op(aten.flatten.using_ints, t, 1) for t in (weight, A, B))  # [out, in·k], [r, in·k], [out, r]
+    elif site.kind == "embedding" or site.fan_in_fan_out:
+        weight = op(aten.t.default, weight)  # [in, out] (an embedding: [num, dim]) seen as [out, in]
+    A, B = op(aten.detach.default, A), op(aten.detach.default, B)
+    if factors_dtype != dtype:
+        A, B = op(aten._to_copy.default, A, dtype=dtype), op(aten._to_copy.default, B, dtype=dtype)
+    sB = op(aten.mul.Tensor, B, s)  # [out, r]
+    wa = op(aten.linear.default, weight, A)  # W·Aᵀ: [out, r]
+    aa = op(aten.linear.default, A, A)  # A·Aᵀ: [r, r]
+    v = op(aten.addmm.default, wa, sB, aa, beta=2)  # 2·W·Aᵀ + sB·A·Aᵀ
+    cross = op(aten.sum.dim_IntList, op(aten.mul.Tensor, sB, v), [1])  # [out]: 0 when B = 0
+    w = op(aten.linalg_vector_norm.default, weight, 2, [1])  # ||w_i||
+    return op(aten.sqrt.default, op(aten.addcmul.default, cross, w, w), role=Role.WEIGHT_NORM)
+
+
+class DoraBase(nn.Module):
+    """DoRA's ``y0`` behind a dropout, as PEFT computes it: in training the base weight applied to the dropped-out
+    input, without bias (PEFT's ``base_result=None`` branch); in eval the given ``y0`` (the site's output less its
+    bias: the dropout is the identity then). A module, so that ``train()``/``eval()`` switch it as they switch the
+    dropout."""
+
+    def __init__(self, site: Site) -> None:
+        super().__init__()
+        self.kind, self.fan_in_fan_out = site.kind, site.fan_in_fan_out
+        if site.kind == "conv":
+            self.conv = (F.conv1d, F.conv2d, F.conv3d)[len(site.kernel_size) - 1]
+            self.stride, self.dilation = tuple(site.stride), tuple(site.dilation)
+            self.padding = site.padding if isinstance(site.padding, str) else tuple(site.padding)
+
+    def forward(self, y0: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return y0
+        weight = weight.to(x.dtype)
+        if self.kind == "conv":
+            return self.conv(x, weight, None, self.stride, self.padding, self.dilation)
+        return F.linear(x, weight.t() if self.fan_in_fan_out else weight)
+
+
 class LoraAdapter(AdapterModule):
     """The parameters of one LoRA adapter at one site: ``A``, ``B``, an optional ``dropout``, and the
-    run-time ``scale`` buffer (``scaling`` while on, 0 while off)."""
+    run-time ``scale`` buffer (``scaling`` while on, 0 while off). With DoRA also the trained ``magnitude``
+    (PEFT's shape), and ``dora_base`` behind a dropout."""
 
     method = "lora"
 
     def __init__(self, site: Site, adapter_name: str, r: int, lora_alpha: float, use_rslora: bool,
-                 dropout: float, dtype: torch.dtype, device: torch.device) -> None:
+                 dropout: float, dtype: torch.dtype, device: torch.device, use_dora: bool = False) -> None:
         super().__init__(site.name, adapter_name)
         self.kind = site.kind
         self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
@@ -134,6 +248,14 @@ class LoraAdapter(AdapterModule):
         self.register_buffer("mixed_scale", torch.tensor(self.scaling, **kw), persistent=False)
         if dropout > 0 and site.kind != "embedding":
             self.dropout = LoraDropout(dropout)
+        self.use_dora = use_dora
+        if use_dora:
+            self.magnitude = nn.Parameter(torch.empty(_magnitude_shape(site), **kw))
+            # the norm a fold divided by, for the unfold (a merged weight keeps no trace of it; PEFT caches it too)
+            self.register_buffer("merged_norm", torch.ones(site.out_features, dtype=torch.float32, device=device),
+                                 persistent=False)
+            if hasattr(self, "dropout"):
+                self.dora_base = DoraBase(site)
 
     def gate_changed(self, on: bool) -> None:
         with torch.no_grad():
@@ -166,6 +288,43 @@ class LoraAdapter(AdapterModule):
         delta = (B @ A) * s  # [out, in]; for an embedding [dim, num]
         return delta.T if (site.kind == "embedding" or site.fan_in_fan_out) else delta
 
+    def init_magnitude(self, site: Site, weight: torch.Tensor) -> None:
+        """PEFT's DoRA init, ``m = ||W + s·B·A||`` per output, computed with the graph's own ops (:func:`dora_norm`).
+
+        Raises:
+            UnsupportedSiteError: an output's base weight is all zeros (PEFT divides by its zero norm: NaN).
+        """
+        nd = _norm_dtype(self.A.dtype)
+        with torch.no_grad():
+            w = weight.detach()
+            w = w.to(nd) if w.dtype != nd else w
+            rows = w.flatten(1) if site.kind == "conv" else (w.t() if site.kind == "embedding" or site.fan_in_fan_out
+                                                             else w)
+            zero = (rows == 0).all(1).nonzero().flatten().tolist()
+            if zero:
+                raise UnsupportedSiteError(
+                    f"site {site.name!r}: DoRA divides each output by the norm of its weight, and {len(zero)} of the "
+                    f"{rows.shape[0]} outputs have all-zero weights (the first: output {zero[0]}); PEFT gives NaN "
+                    "there. Leave the site out (exclude_modules) or use plain LoRA (use_dora=False)")
+            norm = dora_norm(_eager, w, self.A, self.B, self.scale, site, nd, self.A.dtype)
+            self.magnitude.copy_(norm.view(self.magnitude.shape))
+
+    def dora_fold(self, site: Site, weight: torch.Tensor, undo: bool = False) -> torch.Tensor:
+        """``weight`` (fp32, its stored layout) with DoRA folded in: ``g·(W + s·B·A)``, ``g = m / ||W + s·B·A||``
+        per output (PEFT's merge; the norm is kept for the unfold); or, with ``undo``, ``W'/g - s·B·A``."""
+        delta = self.delta_weight(site)
+        out_dim = 1 if (site.kind == "embedding" or site.fan_in_fan_out) else 0
+        shape = [1] * weight.dim()
+        shape[out_dim] = -1
+        m = self.magnitude.detach().float().reshape(-1)
+        if undo:
+            return weight / (m / self.merged_norm.float()).view(shape) - delta
+        adapted = weight + delta
+        norm = torch.linalg.vector_norm(adapted, dim=[d for d in range(weight.dim()) if d != out_dim])
+        with torch.no_grad():
+            self.merged_norm.copy_(norm)
+        return adapted * (m / norm).view(shape)
+
 
 _KEYS = {"linear": ("lora_A.weight", "lora_B.weight"), "conv": ("lora_A.weight", "lora_B.weight"),
          "embedding": ("lora_embedding_A", "lora_embedding_B")}
@@ -188,7 +347,7 @@ class Lora(Method):
     display_name = "LoRA"
     color = ("#ffd8a8", "#e8590c")
     spec_aliases = {"alpha": "lora_alpha", "dropout": "lora_dropout", "rslora": "use_rslora",
-                    "init": "init_lora_weights"}
+                    "init": "init_lora_weights", "dora": "use_dora"}
     default_targets = {"llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
                        "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "phi3": ["qkv_proj"],
                        "gpt2": ["c_attn"], "bert": ["query", "value"], "roberta": ["query", "value"],
@@ -222,15 +381,22 @@ class Lora(Method):
                 not isinstance(config.init_lora_weights, bool):
             raise ConfigError(
                 f"init_lora_weights={config.init_lora_weights!r} is not supported; use True, False or 'gaussian'")
-        if config.bias != "none":
-            raise ConfigError(f"bias={config.bias!r} is not supported; fxpeft trains no biases, use bias='none'")
-        if config.use_dora is not False:
-            raise ConfigError("use_dora=True is not supported yet; use plain LoRA (use_dora=False)")
+        if config.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"bias={config.bias!r} is not supported; use 'none', 'all' or 'lora_only'")
+        if not isinstance(config.lora_bias, bool):
+            raise ConfigError(f"lora_bias must be True or False, got {config.lora_bias!r}")
+        if config.lora_bias and (config.use_dora is True or config.init_lora_weights not in (True, False)):
+            raise ConfigError("lora_bias=True works with plain LoRA and init_lora_weights True or False only (as in "
+                              f"PEFT), not with use_dora={config.use_dora!r}, init_lora_weights={config.init_lora_weights!r}")
+        if not isinstance(config.use_dora, bool):
+            raise ConfigError(f"use_dora must be True or False, got {config.use_dora!r}")
 
     @classmethod
     def check_site(cls, site: Site, config: LoraConfig) -> str | None:
         if site.kind == "conv" and site.groups != 1:
             return f"grouped convolution (groups={site.groups}) is not supported by LoRA"
+        if site.kind == "embedding" and getattr(config, "lora_bias", False):
+            return "lora_bias=True is not supported on an embedding (as in PEFT)"
         return super().check_site(site, config)
 
     @classmethod
@@ -244,8 +410,12 @@ class Lora(Method):
     def build(cls, site: Site, config: LoraConfig, adapter_name: str, weight: torch.Tensor) -> LoraAdapter:
         r, alpha = cls._rank_alpha(config, site)
         adapter = LoraAdapter(site, adapter_name, r, alpha, config.use_rslora, config.lora_dropout,
-                              adapter_dtype(weight, config.keep_base_dtype), weight.device)
+                              adapter_dtype(weight, config.keep_base_dtype), weight.device, use_dora=config.use_dora)
         adapter.reset_parameters(config.init_lora_weights)
+        if config.lora_bias:
+            _add_lora_bias(adapter, site, config.init_lora_weights)
+        if config.use_dora:
+            adapter.init_magnitude(site, weight)
         return adapter
 
     @staticmethod
@@ -277,11 +447,17 @@ class Lora(Method):
             else:
                 a = emit.op(aten.linear.default, x, A, role=Role.DOWN)  # [..., r]
         a = emit.op(aten.mul.Tensor, a, emit.param("scale", Role.SCALING), role=Role.SCALE)
+        up_bias = []
+        if hasattr(adapter, "B_bias"):  # lora_bias: (B·a + b)·s = B·(a·s) + b·s
+            up_bias = [emit.op(aten.mul.Tensor, emit.param("B_bias", Role.PARAM), emit.param("scale", Role.SCALING))]
         if site.kind == "conv":
             op = {1: aten.conv1d, 2: aten.conv2d, 3: aten.conv3d}[len(site.kernel_size)]
-            b = emit.op(op.default, a, B, role=Role.UP)  # 1x1: [N, out, *spatial]
+            b = emit.op(op.default, a, B, *up_bias, role=Role.UP)  # 1x1: [N, out, *spatial]
         else:
-            b = emit.op(aten.linear.default, a, B, role=Role.UP)  # [..., out]
+            b = emit.op(aten.linear.default, a, B, *up_bias, role=Role.UP)  # [..., out]
+        if adapter.use_dora:
+            emit.replace_output(cls._dora(emit, site, adapter, x, b, base_dtype))
+            return
         if cast:  # PEFT adds in the adapter's dtype, then casts the sum back: one rounding
             total = emit.op(aten.add.Tensor, y, b, role=Role.COMPUTE, replaces=0)
             out = emit.cast(total, base_dtype, role=Role.OUT, replaces=0)
@@ -290,12 +466,59 @@ class Lora(Method):
         emit.replace_output(out)
 
     @classmethod
+    def _dora(cls, emit: Emit, site: Site, adapter: LoraAdapter, x: fx.Node, up: fx.Node,
+              base_dtype: torch.dtype) -> fx.Node:
+        """DoRA's output at one call (the formulas: the module docstring), returned tagged ``OUT``. ``x`` is the
+        adapter's input after its cast and dropout, ``up`` the LoRA branch ``B(A(x))·s``."""
+        y, dtype = emit.call.node, adapter.A.dtype
+        nd = _norm_dtype(dtype)
+
+        def op(aten_op, *args, role: Role = Role.NORM_TERM, **kwargs) -> fx.Node:
+            return emit.op(aten_op, *args, role=role, **kwargs)
+
+        weight = emit.weight(own=True)
+        if base_dtype != nd:
+            weight = emit.cast(weight, nd)
+        norm = dora_norm(op, weight, emit.param("A", Role.DOWN_WEIGHT), emit.param("B", Role.UP_WEIGHT),
+                         emit.param("scale", Role.SCALING), site, nd, dtype)
+        if nd != dtype:
+            norm = emit.cast(norm, dtype)
+        if adapter.magnitude.dim() > 1:  # a conv's [1, out, 1, ...]
+            norm = emit.op(aten.view.default, norm, list(adapter.magnitude.shape))
+        g = emit.op(aten.div.Tensor, emit.param("magnitude", Role.MAGNITUDE), norm)
+        g = emit.op(aten.where.ScalarOther, emit.param("gate", Role.GATE), g, 1.0, role=Role.MAGNITUDE_SCALE)
+        cast = dtype != base_dtype
+        last = Role.COMPUTE if cast else Role.OUT
+        behind_dropout = hasattr(adapter, "dora_base")
+        if site.bias is None and not behind_dropout:  # y0 = y:  y + (g - 1)·y + g·up  =  g·(y + up)
+            out = emit.op(aten.mul.Tensor, emit.op(aten.add.Tensor, y, up, replaces=0), g, role=last, replaces=0)
+        else:
+            y0 = y
+            if site.bias is not None:
+                bias = emit.bias()
+                if site.kind == "conv":
+                    bias = emit.op(aten.view.default, bias, [1, -1] + [1] * len(site.kernel_size))
+                y0 = emit.op(aten.sub.Tensor, y, bias)
+            if behind_dropout:
+                y0 = emit.module("dora_base", y0, x, weight)
+            delta = emit.op(aten.add.Tensor, emit.op(aten.mul.Tensor, emit.op(aten.sub.Scalar, g, 1), y0),
+                            emit.op(aten.mul.Tensor, up, g))
+            out = emit.op(aten.add.Tensor, y, delta, role=last, replaces=0)
+        if cast:  # as PEFT: computed in the adapter's dtype, the sum cast back once
+            out = emit.cast(out, base_dtype, role=Role.OUT, replaces=0)
+        return out
+
+    @classmethod
     def fold(cls, adapter: LoraAdapter, site: Site, weight: torch.Tensor, bias: torch.Tensor | None):
-        return weight + adapter.delta_weight(site), bias
+        if adapter.use_dora:
+            return adapter.dora_fold(site, weight), bias
+        return weight + adapter.delta_weight(site), _bias_fold(adapter, bias, 1.0)
 
     @classmethod
     def unfold(cls, adapter: LoraAdapter, site: Site, weight: torch.Tensor, bias: torch.Tensor | None):
-        return weight - adapter.delta_weight(site), bias
+        if adapter.use_dora:
+            return adapter.dora_fold(site, weight, undo=True), bias
+        return weight - adapter.delta_weight(site), _bias_fold(adapter, bias, -1.0)
 
     # ---------------------------------------------------------------------------------- mixed batch
     @classmethod
@@ -303,6 +526,16 @@ class Lora(Method):
         # Row b uses slot index[b]: each slot's A and B are padded to the largest rank (zero rows add nothing),
         # stacked, and gathered per row, so the matmuls cost one adapter's rank per token, whatever the count.
         present = [m for m in slots if m is not None]
+        dora = [m.adapter_name for m in present if m.use_dora]
+        biased = [m.adapter_name for m in present if hasattr(m, "B_bias")]
+        if biased:
+            raise UnsupportedSiteError(f"adapter(s) {biased} use lora_bias at {site.name!r}, which has no mixed-batch "
+                                       "form yet; serve them one at a time (fxpeft.set_adapter) or merge them")
+        if dora:
+            raise UnsupportedSiteError(
+                f"adapter(s) {dora} use DoRA at {site.name!r}, which has no mixed-batch form (PEFT refuses "
+                "adapter_names with DoRA too): each adapter rescales the whole output by its own weight norm. Serve a "
+                "DoRA adapter alone (fxpeft.set_adapter) or merge it")
         rank, ref = max(m.A.shape[0] for m in present), present[0]
         base_dtype = emit.gm.get_parameter(site.weight).dtype
 
@@ -359,13 +592,24 @@ class Lora(Method):
         a, b = _KEYS[site.kind]
         if site.kind == "conv":
             ones = (1,) * len(site.kernel_size)
-            return {a: (r, site.in_features, *site.kernel_size), b: (site.out_features, r, *ones)}
-        return {a: (r, site.in_features), b: (site.out_features, r)}  # embedding: (r, num), (dim, r)
+            shapes = {a: (r, site.in_features, *site.kernel_size), b: (site.out_features, r, *ones)}
+        else:
+            shapes = {a: (r, site.in_features), b: (site.out_features, r)}  # embedding: (r, num), (dim, r)
+        if config.use_dora:
+            shapes[_MAGNITUDE_KEY] = _magnitude_shape(site)
+        if getattr(config, "lora_bias", False) and site.kind != "embedding":
+            shapes[_BIAS_KEY] = (site.out_features,)
+        return shapes
 
     @classmethod
     def site_tensors(cls, adapter: LoraAdapter, site: Site) -> dict[str, torch.Tensor]:
         a, b = _KEYS[site.kind]  # only the adapter's rank: rows past it are room for a hot-swap
-        return {a: adapter.A.detach()[: adapter.r], b: adapter.B.detach()[:, : adapter.r]}
+        tensors = {a: adapter.A.detach()[: adapter.r], b: adapter.B.detach()[:, : adapter.r]}
+        if adapter.use_dora:
+            tensors[_MAGNITUDE_KEY] = adapter.magnitude.detach()
+        if hasattr(adapter, "B_bias"):
+            tensors[_BIAS_KEY] = adapter.B_bias.detach()
+        return tensors
 
     @classmethod
     def load_site_tensors(cls, adapter: LoraAdapter, site: Site, tensors: dict[str, torch.Tensor]) -> None:
@@ -373,6 +617,10 @@ class Lora(Method):
         with torch.no_grad():
             adapter.A.copy_(tensors[a].reshape(adapter.A.shape))
             adapter.B.copy_(tensors[b].reshape(adapter.B.shape))
+            if adapter.use_dora:
+                adapter.magnitude.copy_(tensors[_MAGNITUDE_KEY].reshape(adapter.magnitude.shape))
+            if hasattr(adapter, "B_bias"):
+                adapter.B_bias.copy_(tensors[_BIAS_KEY])
 
     @classmethod
     def prepare_swap(cls, adapter: LoraAdapter, site: Site, capacity: int | None) -> None:
@@ -390,6 +638,12 @@ class Lora(Method):
         a, b = _KEYS[site.kind]
         r, alpha = cls._rank_alpha(config, site)
         room = adapter.A.shape[0]
+        if config.use_dora != adapter.use_dora:
+            raise AdapterFileError(f"{site.name}: the file has use_dora={config.use_dora}, the adapter "
+                                   f"use_dora={adapter.use_dora}; a hot-swap keeps the variant: use load_adapter")
+        if (_BIAS_KEY in tensors) != hasattr(adapter, "B_bias"):
+            raise AdapterFileError(f"{site.name}: the file has lora_bias={_BIAS_KEY in tensors}, the adapter not; a "
+                                   "hot-swap keeps the variant: use load_adapter")
         if r > room:
             raise AdapterFileError(f"{site.name}: the file's rank {r} is larger than the adapter's room {room}; call "
                                    f"fxpeft.prepare_for_hotswap(gm, target_rank={r}) before compiling")
@@ -397,6 +651,10 @@ class Lora(Method):
             adapter.A.zero_(), adapter.B.zero_()
             adapter.A[:r].copy_(tensors[a].reshape(r, *adapter.A.shape[1:]))
             adapter.B[:, :r].copy_(tensors[b].reshape(adapter.B.shape[0], r, *adapter.B.shape[2:]))
+            if adapter.use_dora:
+                adapter.magnitude.copy_(tensors[_MAGNITUDE_KEY].reshape(adapter.magnitude.shape))
+            if hasattr(adapter, "B_bias"):
+                adapter.B_bias.copy_(tensors[_BIAS_KEY])
         adapter.r, adapter.lora_alpha, adapter.use_rslora = r, alpha, config.use_rslora
         adapter.scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
         adapter.gate_changed(bool(adapter.gate))  # the run-time scale buffer takes the new scaling
@@ -404,11 +662,11 @@ class Lora(Method):
     @classmethod
     def site_settings(cls, config: LoraConfig, site: Site) -> dict[str, Any]:
         r, alpha = cls._rank_alpha(config, site)
-        return {"r": r, "alpha": alpha}
+        return {"r": r, "alpha": alpha, "use_dora": config.use_dora}
 
     @classmethod
     def adapter_settings(cls, adapter: LoraAdapter) -> dict[str, Any]:
-        return {"r": adapter.r, "alpha": adapter.lora_alpha}
+        return {"r": adapter.r, "alpha": adapter.lora_alpha, "use_dora": adapter.use_dora}
 
     @classmethod
     def config_fields(cls, adapters: dict[str, LoraAdapter], sites: dict[str, Site], keys_for,
@@ -416,12 +674,18 @@ class Lora(Method):
         rslora = {m.use_rslora for m in adapters.values()}
         if len(rslora) > 1:
             raise AdapterFileError("the adapter's sites disagree on use_rslora; one PEFT config has one use_rslora")
+        dora = {m.use_dora for m in adapters.values()}
+        if len(dora) > 1:
+            raise AdapterFileError("the adapter's sites disagree on use_dora; one PEFT config has one use_dora")
+        lora_bias = {hasattr(m, "B_bias") for m in adapters.values()}
+        if len(lora_bias) > 1:
+            raise AdapterFileError("the adapter's sites disagree on lora_bias; one PEFT config has one lora_bias")
         r = Counter(m.r for m in adapters.values()).most_common(1)[0][0]
         alpha = Counter(m.lora_alpha for m in adapters.values()).most_common(1)[0][0]
         dropouts = [getattr(getattr(m, "dropout", None), "p", 0.0) for m in adapters.values()]
         return {"r": r, "lora_alpha": alpha, "lora_dropout": Counter(dropouts).most_common(1)[0][0],
-                "use_rslora": rslora.pop(), "init_lora_weights": True, "bias": "none", "use_dora": False,
-                "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
+                "use_rslora": rslora.pop(), "init_lora_weights": True, "bias": "none", "use_dora": dora.pop(),
+                "lora_bias": lora_bias.pop(), "layers_to_transform": None, "layers_pattern": None,
                 "fan_in_fan_out": any(sites[n].module_type == "Conv1D" for n in adapters),
                 "rank_pattern": keys_for({n: m.r for n, m in adapters.items()}, r),
                 "alpha_pattern": keys_for({n: m.lora_alpha for n, m in adapters.items()}, alpha)}
@@ -435,18 +699,17 @@ class Lora(Method):
 
     @classmethod
     def refused_keys(cls) -> dict[str, str]:
-        return {"lora_magnitude_vector": "DoRA (use_dora=True)", "lora_A.bias": "lora_bias=True",
-                "lora_B.bias": "lora_bias=True", "lora_embedding_A.bias": "lora_bias=True",
+        return {"lora_A.bias": "a bias on lora_A (not PEFT's lora_bias, which is on lora_B)",
+                "lora_embedding_A.bias": "lora_bias=True on an embedding",
                 "lora_E": "AdaLoRA", "trainable_tokens_delta": "trainable_token_indices"}
 
     @classmethod
     def config_from_peft(cls, fields: dict[str, Any]) -> LoraConfig:
         fields = dict(fields)
-        named = {"lora_bias": "lora_bias=True", "modules_to_save": "modules_to_save",
-                 "layers_to_transform": "layers_to_transform", "trainable_token_indices": "trainable tokens",
+        named = {"trainable_token_indices": "trainable tokens",
                  "target_parameters": "target_parameters (LoRA on nn.Parameter)",
                  "layer_replication": "layer_replication", "use_qalora": "QALoRA",
-                 "alora_invocation_tokens": "aLoRA", "use_dora": "DoRA (use_dora=True)"}
+                 "alora_invocation_tokens": "aLoRA"}
         for key, feature in named.items():
             v = fields.get(key)
             if not (v is None or v is False or (isinstance(v, (list, dict, str, tuple)) and not v)):
@@ -457,8 +720,6 @@ class Lora(Method):
                 f"the adapter was initialised with init_lora_weights={init!r}, which rewrites the base weights or "
                 "trains another set of parameters; fxpeft loads plain LoRA on the original base only. Convert it "
                 "with PEFT first (save_pretrained(..., path_initial_model_for_weight_conversion=...))")
-        if fields.get("bias", "none") != "none":
-            raise AdapterFileError(f"the adapter trains biases (bias={fields['bias']!r}), which fxpeft does not support")
         return config_from_fields(cls, fields)  # the weights come from the file: the init does not matter
 
     # ---------------------------------------------------------------------------------- weighted merges
@@ -473,6 +734,14 @@ class Lora(Method):
         ``lora_alpha = r`` without rsLoRA: scaling 1, whatever ``use_rslora`` the sources have (PEFT copies the
         first source's flag, and is then ``sqrt(r)`` too large). Dropout and dtype follow the first source.
         """
+        biased = sorted({m.adapter_name for src in sources for m in src.values() if hasattr(m, "B_bias")})
+        if biased:
+            raise ConfigError(f"adapter(s) {biased} use lora_bias; add_weighted_adapter combines adapters without it")
+        dora = sorted({m.adapter_name for src in sources for m in src.values() if m.use_dora})
+        if dora:
+            raise ConfigError(f"adapter(s) {dora} use DoRA; add_weighted_adapter combines plain LoRA adapters only: "
+                              "a weighted sum of B·A leaves the trained magnitudes without a meaning (PEFT drops "
+                              "them: its new adapter keeps the magnitude of its own initialisation)")
         ranks = [max(m.r for m in src.values()) for src in sources]
         if combination.combination_type == "cat":
             rank = sum(ranks)

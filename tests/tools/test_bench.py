@@ -95,3 +95,13 @@ def test_main_writes_json_and_markdown(bench, tmp_path):
     assert set(row["ms"]) == {"fxpeft", "fxpeft_unfused", "peft"} and all(v > 0 for v in row["ms"].values())
     assert row["ratio"] == pytest.approx(row["samples_ms"]["fxpeft"][0] / row["samples_ms"]["peft"][0], rel=1e-2)
     assert "| smoke | rewrite" in (tmp_path / "b.md").read_text()
+
+
+def test_dora_measure_times_models_that_compute_what_peft_computes(bench):
+    b = bench.Bench(bench.CASES["smoke"], _args())
+    b.dora(0.0)
+    (row,) = b.results
+    assert (row["measure"], row["key"], row["pairs"]) == ("dora", "0.0", 1)
+    assert set(row["ms"]) == {"fxpeft", "peft"}
+    assert row["max_abs_diff_logits_vs_peft"] < 1e-4
+    assert bench.GOALS[("dora", "0.0")][0] == "≤ 0.80"
