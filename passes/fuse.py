@@ -13,7 +13,8 @@ any method whose subgraph has that shape fuses; it never names a method.
 
 Fusion is a view, not a format: every adapter module keeps its own parameters (the ``cat`` reads them, so
 their gradients stay per site), and saved files are unchanged. Fused siblings share one dropout mask (the
-first site's module draws it); unfused, PEFT-style, each site draws its own. Expectations and eval-mode
+first site's module draws it); unfused, PEFT-style, each site draws its own. A site's other readers of its
+dropped-out input (DoRA's base term behind a dropout) read the shared one. Expectations and eval-mode
 outputs are identical. ``fxpeft.rewrite(..., fuse=False)`` keeps one mask per site.
 
 Shared nodes (``cat``, cast, dropout, the fused matmul, split) are tagged with the first site's module and
@@ -70,7 +71,9 @@ def _chain(n: fx.Node) -> _Chain | None:
     inp, a_attr = n.args
     if _role(a_attr, tag.module) is not Role.DOWN_WEIGHT or len(a_attr.users) != 1:
         return None
-    dropout = inp if _role(inp, tag.module) is Role.DROPOUT and len(inp.users) == 1 else None
+    # the dropped-out input may have other readers in the same adapter (DoRA's base term): they follow it when fused
+    dropout = inp if _role(inp, tag.module) is Role.DROPOUT and all(
+        u is n or _role(u, tag.module) is not None for u in inp.users) else None
     pre = dropout.args[0] if dropout is not None else inp
     cast = pre if _role(pre, tag.module) is Role.CAST and len(pre.users) == 1 else None
     x = cast.args[0] if cast is not None else pre
@@ -141,6 +144,8 @@ def _fuse_group(gm: fx.GraphModule, group: list[_Chain], pos: dict[fx.Node, int]
         if "nn_module_stack" in c.down.meta:  # a part is its own site's node: its module stack, not the lead's
             part.meta["nn_module_stack"] = dict(c.down.meta["nn_module_stack"])
         c.scale.replace_input_with(c.down, part)
+        if c.dropout is not None:  # the site's other readers of its dropped-out input read the shared one
+            c.dropout.replace_all_uses_with(h)
         for n in (c.down, c.dropout, c.cast):
             if n is not None:
                 gm.graph.erase_node(n)
@@ -204,6 +209,9 @@ def _unfuse_group(gm: fx.GraphModule, cat: fx.Node) -> None:
                 h = build.node("call_function", aten._to_copy.default, (h,), Role.CAST, own=tag, **cast.kwargs)
             if dropout is not None:
                 h = build.node("call_module", f"{tag.module}.dropout", (h,), Role.DROPOUT, own=tag)
+                for u in list(dropout.users):  # the site's other readers of the dropped-out input (DoRA's base term)
+                    if _role(u, tag.module) is not None:
+                        u.replace_input_with(dropout, h)
             a_attr = cat.args[0][i]
             part.prepend(a_attr)
             a = build.node("call_function", aten.linear.default, (h, a_attr), Role.DOWN, own=tag)

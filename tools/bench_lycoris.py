@@ -23,9 +23,9 @@ warnings.filterwarnings("ignore")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from bench import CASES, TARGETS, Trainer, alternate, summarize, timed, timed_inference  # noqa: E402
 
 import fxpeft  # noqa: E402
-from bench import CASES, TARGETS, Trainer, alternate, summarize, timed, timed_inference  # noqa: E402
 from fxpeft.zoo import tiny_llama  # noqa: E402
 
 
@@ -72,14 +72,14 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         if "train" in args.measures:
             gm.train(), pm.train()
-            trainers = {"fxpeft": Trainer(gm, lambda i: gm(input_ids=i), ids),
-                        "peft": Trainer(pm, lambda i: pm(input_ids=i, use_cache=False), ids)}
+            trainers = {"fxpeft": Trainer(gm, lambda i, g=gm: g(input_ids=i), ids),
+                        "peft": Trainer(pm, lambda i, p=pm: p(input_ids=i, use_cache=False), ids)}
             times = alternate({k: timed(t.step) for k, t in trainers.items()}, args.pairs, args.warmup)
             rows.append((method, "train step", summarize(times, "fxpeft", "peft")))
         if "infer" in args.measures:
             gm.eval(), pm.eval()
-            times = alternate({"fxpeft": timed_inference(lambda: gm(input_ids=ids)),
-                               "peft": timed_inference(lambda: pm(input_ids=ids, use_cache=False))},
+            times = alternate({"fxpeft": timed_inference(lambda g=gm: g(input_ids=ids)),
+                               "peft": timed_inference(lambda p=pm: p(input_ids=ids, use_cache=False))},
                               args.pairs, args.warmup)
             rows.append((method, "unmerged inference", summarize(times, "fxpeft", "peft")))
         for m, what, s in rows[-2:] if "train" in args.measures and "infer" in args.measures else rows[-1:]:

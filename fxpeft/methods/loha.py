@@ -217,7 +217,8 @@ def apply_delta(emit: Emit, site: Site, delta: fx.Node, dtype: torch.dtype, base
     a graph value and adapter and base share an fp32/fp64 dtype; else ``y + op(x, ΔW)`` (PEFT's form)."""
     call = emit.call
     if call.weight_node is not None and dtype == base_dtype and full_precision(dtype):
-        weight = emit.op(aten.add.Tensor, emit.weight(), delta, role=Role.OUT, replaces=0, label="adapted_weight")  # W + ΔW
+        weight = emit.op(aten.add.Tensor, emit.weight(), delta, role=Role.OUT, replaces=0,
+                         label="adapted_weight")  # W + ΔW: the one matmul / conv applies both
         emit.replace_input(call.weight_node, weight)
         return
     x = call.input
@@ -245,7 +246,7 @@ def add_to_output(emit: Emit, delta_out: fx.Node, dtype: torch.dtype, base_dtype
 
 
 def swap_tensors(method: type[Method], adapter: AdapterModule, site: Site, config: Any,
-                     tensors: dict[str, torch.Tensor]) -> None:
+                 tensors: dict[str, torch.Tensor]) -> None:
     """A hot-swap: same tensor shapes, new values and scaling (``alpha / r``); the code is unchanged."""
     have = {k: tuple(t.shape) for k, t in method.site_tensors(adapter, site).items()}
     want = {k: tuple(s) for k, s in method.site_shapes(config, site).items()}

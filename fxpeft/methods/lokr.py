@@ -49,8 +49,19 @@ from fxpeft.registry import AdapterModule, Emit, Method, PeftConfigBase, PeftReg
 from fxpeft.sites import Site
 from fxpeft.tags import Role
 
-from .loha import (ModuleDropout, RankDropout, _eager, add_to_output, apply_delta, check_common, check_lycoris_site,
-                   common_value, rank_alpha, swap_tensors, warn_unused_patterns)
+from .loha import (
+    ModuleDropout,
+    RankDropout,
+    _eager,
+    add_to_output,
+    apply_delta,
+    check_common,
+    check_lycoris_site,
+    common_value,
+    rank_alpha,
+    swap_tensors,
+    warn_unused_patterns,
+)
 from .lora import Lora, adapter_dtype
 
 __all__ = ["LoKrConfig", "LoKrAdapter", "LoKr", "factorization"]

@@ -380,7 +380,7 @@ BREAKERS = {
     "no-config": (lambda d: os.unlink(d / CONFIG_NAME), "no adapter_config.json"),
     "targets-missing-module": (_edit_config(target_modules=["q_proj", "v_proj", "qkv_proj"]),
                                r"another architecture.*'qkv_proj' matches no targetable site"),
-    "unsupported-peft-type": (_edit_config(peft_type="LOHA"), "unsupported peft_type 'LOHA'"),
+    "unsupported-peft-type": (_edit_config(peft_type="VBLORA"), "unsupported peft_type 'VBLORA'"),
     "dora-without-magnitudes": (_edit_config(use_dora=True), r"missing key.*q_proj\.lora_magnitude_vector"),
     "lora-bias-without-tensors": (_edit_config(lora_bias=True), r"missing key.*lora_B\.bias"),
     "unknown-bias": (_edit_config(bias="some"), "bias='some' is not supported"),

@@ -172,8 +172,9 @@ def test_fold_then_unfold_restores_the_weight_and_merge_matches(case):
 
 def test_a_few_steps_lower_the_loss():
     torch.manual_seed(0)
-    gm = fxpeft.rewrite(_graph("llama"), fxpeft.LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                                           rank_dropout=0.1, module_dropout=0.1))
+    cfg = fxpeft.LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], rank_dropout=0.1,
+                            module_dropout=0.1)
+    gm = fxpeft.rewrite(_graph("llama"), cfg)
     ids = _base("llama")[2]["input_ids"]
     opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
     gm.train()
@@ -198,7 +199,7 @@ def test_dropouts_are_training_only():
         b.load_state_dict(a.state_dict())
     assert torch.equal(_run(dropped.eval(), "llama"), _run(plain.eval(), "llama"))  # eval: the identity
     dropped.train()
-    outs = [_run(dropped, "llama") for _ in range(4)]
+    outs = [_run(dropped, "llama") for _ in range(3)]
     assert any(not torch.equal(outs[0], o) for o in outs[1:])  # training: random
     skipped = fxpeft.rewrite(_graph("llama"), fxpeft.LoHaConfig(module_dropout=1.0, **fields)).train()
     assert torch.equal(_run(skipped, "llama"), _run(_graph("llama").train(), "llama"))  # p = 1: always skipped

@@ -209,8 +209,9 @@ def test_fold_then_unfold_restores_the_weight_and_merge_matches(case):
 
 def test_a_few_steps_lower_the_loss():
     torch.manual_seed(0)
-    gm = fxpeft.rewrite(_graph("llama"), fxpeft.LoKrConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                                           rank_dropout=0.1, module_dropout=0.1))
+    cfg = fxpeft.LoKrConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], rank_dropout=0.1,
+                            module_dropout=0.1)
+    gm = fxpeft.rewrite(_graph("llama"), cfg)
     ids = _base("llama")[2]["input_ids"]
     opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
     gm.train()
@@ -246,7 +247,7 @@ def test_dropouts_are_training_only(base, targets):
         b.load_state_dict(a.state_dict())
     assert torch.equal(_run(dropped.eval(), base), _run(plain.eval(), base))  # eval: the identity
     _train(dropped)
-    outs = [_run(dropped, base) for _ in range(4)]
+    outs = [_run(dropped, base) for _ in range(3)]
     assert any(not torch.equal(outs[0], o) for o in outs[1:])  # training: random
     skipped = _train(fxpeft.rewrite(_graph(base), fxpeft.LoKrConfig(module_dropout=1.0, **fields)))
     assert torch.equal(_run(skipped, base), _run(_train(_graph(base)), base))  # p = 1: always skipped
