@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from typing import Any, ClassVar
 
 import torch
@@ -121,6 +122,43 @@ def fx_callable(op: torch._ops.OpOverload):
     return op
 
 
+#: stacks kept by :func:`stack_slots` between calls: key -> (weak references to the slots, the stack)
+_STACKS: dict[tuple, tuple[tuple, torch.Tensor]] = {}
+
+
+def stack_slots(rank: int, dim: int, *slots: torch.Tensor | None) -> torch.Tensor:
+    """``stack`` of per-adapter tensors, each zero-padded to ``rank`` along ``dim`` (None: all zeros).
+
+    A mixed batch reads every adapter's factors at every site. While nothing needs their gradient (inference)
+    and no slot has changed (same tensors, same in-place version), the stack of the last call is reused, so a
+    call costs the same whatever the number of adapters. Under autograd, ``torch.compile`` or export it is a
+    plain ``stack`` of the padded slots.
+    """
+    present = [t for t in slots if t is not None]
+    plain = (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+             and all(type(t) in (torch.Tensor, nn.Parameter) for t in present))
+    key = (rank, dim, *((id(t), t._version) if t is not None else None for t in slots)) if plain else None
+    hit = _STACKS.get(key) if plain else None
+    if hit is not None and all(ref is None and t is None or ref is not None and ref() is t
+                               for ref, t in zip(hit[0], slots)):
+        return hit[1]
+    shape = list(present[0].shape)
+    shape[dim] = rank
+    parts = []
+    for t in slots:
+        if t is None:
+            parts.append(present[0].new_zeros(shape))
+        else:  # constant_pad_nd pads the last dims first: [0, 0, ..., 0, n] pads ``dim``
+            short = rank - t.shape[dim]
+            parts.append(torch.constant_pad_nd(t, [0, 0] * (t.dim() - 1 - dim) + [0, short]) if short else t)
+    out = torch.stack(parts)
+    if plain:
+        if len(_STACKS) >= 512:  # a bound: one entry per site and factor of the graphs being served
+            _STACKS.pop(next(iter(_STACKS)))
+        _STACKS[key] = (tuple(None if t is None else weakref.ref(t) for t in slots), out)
+    return out
+
+
 class Emit:
     """Builds one adapter's nodes at one call, in the graph's dialect, each tagged with an :class:`AdapterTag`.
 
@@ -187,6 +225,10 @@ class Emit:
         path = f"{self.tag.module}_{name}"
         self.gm.add_submodule(path, module)
         return self._node("call_module", path, args, {}, role)
+
+    def stack_slots(self, slots: list[fx.Node | None], rank: int, dim: int, role: Role) -> fx.Node:
+        """A node stacking per-slot tensors padded to ``rank`` along ``dim`` (see :func:`stack_slots`)."""
+        return self._node("call_function", stack_slots, (rank, dim, *slots), {}, role)
 
     def weight(self, own: bool = False) -> fx.Node:
         """The site's base weight as a graph value, in its stored layout (``site.fan_in_fan_out`` says which):

@@ -14,12 +14,16 @@ DoRA (``use_dora=True``) adds a trained magnitude ``m`` per output and rescales,
     out = y + (g - 1)·y0 + g·B(A(dropout(x)))·s
 
 ``y0`` is the base output without its bias; in training behind a dropout it is, as in PEFT, the base weight
-applied to the dropped-out input (:class:`DoraBase`, an extra base matmul). With no bias and no dropout (and
-for an embedding, where PEFT computes ``g·y + g·lora``) the graph computes ``g·(y + B(A(x))·s)``: one
-multiply more than LoRA. The norm is computed in fp32, in factored form, never building ``B·A``
+applied to the dropped-out input (:class:`DoraBase`, an extra base matmul). ``g`` scales B's rows (a tiny
+``[out, r]`` op), so the up projection gives ``g·B(A(x))·s``; with no bias and no dropout (and for an embedding,
+where PEFT computes ``g·y + g·lora``) the graph computes ``g·y + (g·B)(A(x))·s``, the sum accumulated in place: no
+activation-sized tensor more than LoRA's ``y + B(A(x))·s``. The norm is computed in fp32, in factored form, never
+building ``B·A``
 (:func:`dora_norm`), from the weight as it is at that call (so a merged adapter or a reloaded base weight
 counts at once). While the adapter is off or merged, ``g`` is exactly 1 (the ``gate`` buffer). Folding writes
-``g·(W + s·B·A)`` and keeps that norm for the unfold, as PEFT caches it.
+``g·(W + s·B·A)`` and keeps that norm for the unfold, as PEFT caches it. DoRA does not commute with other adapters
+on its site: with several active there at once, the graph applies the one added last next to the base, PEFT the
+one listed first (their outputs then differ; one active adapter per site gives PEFT's).
 
 PEFT's file layout (keys under ``base_model.model.<site>.``)::
 
@@ -162,7 +166,7 @@ def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _eager(aten_op, *args, role: Role | None = None, **kwargs):
+def _eager(aten_op, *args, role: Role | None = None, label: str | None = None, **kwargs):
     return aten_op(*args, **kwargs)
 
 
@@ -174,7 +178,8 @@ def dora_norm(op, weight, A, B, s, site: Site, dtype: torch.dtype, factors_dtype
     ``W·Aᵀ`` (``[out, r]``) is the one product with the weight, ``O(out·in·r)``; the rest is ``O(in·r² + out·r²)``.
     ``A`` and ``B`` are read detached: the norm is a constant for autograd (DoRA §4.3), and records nothing.
 
-    ``op(aten_op, *args, role=..., **kwargs)`` applies an aten op, as graph nodes (:meth:`Lora.insert`) or eagerly
+    ``op(aten_op, *args, role=..., label=..., **kwargs)`` applies an aten op, as graph nodes named after the terms
+    (``q_proj_WAt``; :meth:`Lora.insert`) or eagerly
     (the magnitude's init): the same ops either way, so that with ``B = 0`` the graph's norm equals the initial
     magnitude to the bit and a zero-initialised adapter changes nothing.
 
@@ -187,16 +192,16 @@ def dora_norm(op, weight, A, B, s, site: Site, dtype: torch.dtype, factors_dtype
         weight, A, B = (op(aten.flatten.using_ints, t, 1) for t in (weight, A, B))  # [out, in·k], [r, in·k], [out, r]
     elif site.kind == "embedding" or site.fan_in_fan_out:
         weight = op(aten.t.default, weight)  # [in, out] (an embedding: [num, dim]) seen as [out, in]
-    A, B = op(aten.detach.default, A), op(aten.detach.default, B)
+    A, B = op(aten.detach.default, A, label="A_const"), op(aten.detach.default, B, label="B_const")
     if factors_dtype != dtype:
         A, B = op(aten._to_copy.default, A, dtype=dtype), op(aten._to_copy.default, B, dtype=dtype)
-    sB = op(aten.mul.Tensor, B, s)  # [out, r]
-    wa = op(aten.linear.default, weight, A)  # W·Aᵀ: [out, r]
-    aa = op(aten.linear.default, A, A)  # A·Aᵀ: [r, r]
-    v = op(aten.addmm.default, wa, sB, aa, beta=2)  # 2·W·Aᵀ + sB·A·Aᵀ
-    cross = op(aten.sum.dim_IntList, op(aten.mul.Tensor, sB, v), [1])  # [out]: 0 when B = 0
-    w = op(aten.linalg_vector_norm.default, weight, 2, [1])  # ||w_i||
-    return op(aten.sqrt.default, op(aten.addcmul.default, cross, w, w), role=Role.WEIGHT_NORM)
+    sB = op(aten.mul.Tensor, B, s, label="sB")  # [out, r]
+    wa = op(aten.linear.default, weight, A, label="WAt")  # W·Aᵀ: [out, r]
+    aa = op(aten.linear.default, A, A, label="AAt")  # A·Aᵀ: [r, r]
+    v = op(aten.addmm.default, wa, sB, aa, beta=2, label="twoWAt_sBAAt")  # 2·W·Aᵀ + sB·A·Aᵀ
+    cross = op(aten.sum.dim_IntList, op(aten.mul.Tensor, sB, v, label="cross_terms"), [1], label="cross")  # 0 if B = 0
+    w = op(aten.linalg_vector_norm.default, weight, 2, [1], label="W_row_norm")  # ||w_i||
+    return op(aten.sqrt.default, op(aten.addcmul.default, cross, w, w, label="weight_norm_sq"), role=Role.WEIGHT_NORM)
 
 
 class DoraBase(nn.Module):
@@ -450,13 +455,18 @@ class Lora(Method):
         up_bias = []
         if hasattr(adapter, "B_bias"):  # lora_bias: (B·a + b)·s = B·(a·s) + b·s
             up_bias = [emit.op(aten.mul.Tensor, emit.param("B_bias", Role.PARAM), emit.param("scale", Role.SCALING))]
+        g = None
+        if adapter.use_dora:  # B's rows scaled by g (a tiny [out, r] op): the up projection gives g·B(A(x))·s
+            g, weight = cls._dora_scale(emit, site, adapter, base_dtype)
+            B = emit.op(aten.mul.Tensor, B, emit.op(aten.view.default, g, [-1] + [1] * (adapter.B.dim() - 1),
+                                                    label="g_column"), label="gB")
         if site.kind == "conv":
             op = {1: aten.conv1d, 2: aten.conv2d, 3: aten.conv3d}[len(site.kernel_size)]
             b = emit.op(op.default, a, B, *up_bias, role=Role.UP)  # 1x1: [N, out, *spatial]
         else:
             b = emit.op(aten.linear.default, a, B, *up_bias, role=Role.UP)  # [..., out]
-        if adapter.use_dora:
-            emit.replace_output(cls._dora(emit, site, adapter, x, b, base_dtype))
+        if g is not None:
+            emit.replace_output(cls._dora_out(emit, site, adapter, x, b, g, weight, base_dtype))
             return
         if cast:  # PEFT adds in the adapter's dtype, then casts the sum back: one rounding
             total = emit.op(aten.add.Tensor, y, b, role=Role.COMPUTE, replaces=0)
@@ -466,11 +476,11 @@ class Lora(Method):
         emit.replace_output(out)
 
     @classmethod
-    def _dora(cls, emit: Emit, site: Site, adapter: LoraAdapter, x: fx.Node, up: fx.Node,
-              base_dtype: torch.dtype) -> fx.Node:
-        """DoRA's output at one call (the formulas: the module docstring), returned tagged ``OUT``. ``x`` is the
-        adapter's input after its cast and dropout, ``up`` the LoRA branch ``B(A(x))·s``."""
-        y, dtype = emit.call.node, adapter.A.dtype
+    def _dora_scale(cls, emit: Emit, site: Site, adapter: LoraAdapter,
+                    base_dtype: torch.dtype) -> tuple[fx.Node, fx.Node]:
+        """DoRA's ``g = m / ||W + s·B·A||`` per output (the magnitude's shape), exactly 1 while the adapter is off;
+        and the weight it read (in the norm's dtype)."""
+        dtype = adapter.A.dtype
         nd = _norm_dtype(dtype)
 
         def op(aten_op, *args, role: Role = Role.NORM_TERM, **kwargs) -> fx.Node:
@@ -485,25 +495,35 @@ class Lora(Method):
             norm = emit.cast(norm, dtype)
         if adapter.magnitude.dim() > 1:  # a conv's [1, out, 1, ...]
             norm = emit.op(aten.view.default, norm, list(adapter.magnitude.shape))
-        g = emit.op(aten.div.Tensor, emit.param("magnitude", Role.MAGNITUDE), norm)
-        g = emit.op(aten.where.ScalarOther, emit.param("gate", Role.GATE), g, 1.0, role=Role.MAGNITUDE_SCALE)
+        g = emit.op(aten.div.Tensor, emit.param("magnitude", Role.MAGNITUDE), norm, label="m_over_norm")
+        return emit.op(aten.where.ScalarOther, emit.param("gate", Role.GATE), g, 1.0, role=Role.MAGNITUDE_SCALE), weight
+
+    @classmethod
+    def _dora_out(cls, emit: Emit, site: Site, adapter: LoraAdapter, x: fx.Node, up_g: fx.Node, g: fx.Node,
+                  weight: fx.Node, base_dtype: torch.dtype) -> fx.Node:
+        """DoRA's output at one call, ``y + (g - 1)·y0 + up_g`` (``up_g`` = ``g·B(A(x))·s``), returned tagged ``OUT``.
+
+        ``x`` is the adapter's input after its cast and dropout. One new activation-sized tensor, as LoRA's own
+        ``y + up``: the sum is accumulated in place (on a CPU each fresh activation-sized tensor costs page faults).
+        """
+        y, dtype = emit.call.node, adapter.A.dtype
         cast = dtype != base_dtype
         last = Role.COMPUTE if cast else Role.OUT
         behind_dropout = hasattr(adapter, "dora_base")
-        if site.bias is None and not behind_dropout:  # y0 = y:  y + (g - 1)·y + g·up  =  g·(y + up)
-            out = emit.op(aten.mul.Tensor, emit.op(aten.add.Tensor, y, up, replaces=0), g, role=last, replaces=0)
+        if site.bias is None and not behind_dropout:  # y0 = y:  y + (g - 1)·y + up_g  =  g·y + up_g
+            acc = emit.op(aten.mul.Tensor, y, g, replaces=0, label="gy")
         else:
             y0 = y
             if site.bias is not None:
                 bias = emit.bias()
                 if site.kind == "conv":
                     bias = emit.op(aten.view.default, bias, [1, -1] + [1] * len(site.kernel_size))
-                y0 = emit.op(aten.sub.Tensor, y, bias)
+                y0 = emit.op(aten.sub.Tensor, y, bias, label="y0")
             if behind_dropout:
-                y0 = emit.module("dora_base", y0, x, weight)
-            delta = emit.op(aten.add.Tensor, emit.op(aten.mul.Tensor, emit.op(aten.sub.Scalar, g, 1), y0),
-                            emit.op(aten.mul.Tensor, up, g))
-            out = emit.op(aten.add.Tensor, y, delta, role=last, replaces=0)
+                y0 = emit.module("dora_base", y0, x, weight, label="y0")
+            acc = emit.op(aten.addcmul.default, y, y0, emit.op(aten.sub.Scalar, g, 1, label="g_minus_1"), replaces=0,
+                          label="y_plus_base_term")
+        out = emit.op(aten.add_.Tensor, acc, up_g, role=last, replaces=0)
         if cast:  # as PEFT: computed in the adapter's dtype, the sum cast back once
             out = emit.cast(out, base_dtype, role=Role.OUT, replaces=0)
         return out
@@ -539,18 +559,9 @@ class Lora(Method):
         rank, ref = max(m.A.shape[0] for m in present), present[0]
         base_dtype = emit.gm.get_parameter(site.weight).dtype
 
-        def stacked(attr: str, dim: int, role: Role) -> fx.Node:
-            nodes = []
-            for m in present:
-                t = emit.param_of(m, attr, role)
-                short = rank - getattr(m, attr).shape[dim]
-                if short:  # constant_pad_nd pads the last dims first: [0, 0, 0, n] pads dim -2
-                    pad = [0, 0] * (getattr(m, attr).dim() - 1 - dim) + [0, short]
-                    t = emit.op(aten.constant_pad_nd.default, t, pad, role=role)
-                nodes.append(t)
-            zero = emit.op(aten.zeros_like.default, nodes[0], role=role)
-            it = iter(nodes)
-            return emit.op(aten.stack.default, [zero if m is None else next(it) for m in slots], role=role)
+        def stacked(attr: str, dim: int, role: Role) -> fx.Node:  # zero-padded to the rank; None: zeros
+            return emit.stack_slots([None if m is None else emit.param_of(m, attr, role) for m in slots], rank, dim,
+                                    role)
 
         A = stacked("A", 0, Role.DOWN_WEIGHT)  # [K+1, R, in(, *k)]
         B = stacked("B", 1, Role.UP_WEIGHT)  # [K+1, out, R(, 1..)]

@@ -211,3 +211,18 @@ def test_methods_without_a_mixed_form_are_refused():
                                                                             feedforward_modules=["down_proj"]))
     with pytest.raises(fxpeft.UnsupportedSiteError, match="no mixed-batch form"):
         gm(*args, adapter_names=["default"] * 4, **kwargs)
+
+
+def test_inference_reuses_stacks_until_a_factor_changes():
+    gm, args, kwargs = _adapted(zoo.functional_lm(), (["blocks.0.w_in"], ["blocks.0.w_in", "head"]))
+    rows = ["a", "b"]
+    with torch.no_grad():
+        first = gm(*args, adapter_names=rows, **kwargs)
+        assert torch.equal(gm(*args, adapter_names=rows, **kwargs), first)
+        for ad in fxpeft.adapters(gm).values():  # an in-place update (an optimizer step, a hot-swap)
+            ad.B.mul_(2)
+        changed = gm(*args, adapter_names=rows, **kwargs)
+    assert not torch.equal(changed, first)
+    ref = _per_adapter(gm, args, kwargs)
+    for i, name in enumerate(rows):
+        assert rel_err(changed[i], ref[name][i]) <= 1e-6
