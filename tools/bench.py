@@ -442,7 +442,8 @@ class Bench:
             self.add("mixed", "vs_peft", f"mixed batch K={k}: fxpeft / PEFT", summarize(times, "fxpeft", "peft"), extra)
             self.add("mixed", "vs_single", f"mixed batch K={k}: fxpeft mixed / fxpeft one adapter",
                      summarize(times, "fxpeft", "fxpeft_single"), extra)
-            if "compile" in self.measures and not (self.args.quick or c.name == "smoke"):
+            if "compile" in self.measures and not (self.args.quick or c.name == "smoke") and k in (min(c.mixed_ks),
+                                                                                                  max(c.mixed_ks)):
                 self._mixed_compiled(gm, one, ids, ours, k)
 
     def _mixed_compiled(self, gm: torch.fx.GraphModule, one: torch.fx.GraphModule, ids: torch.Tensor, names: list[str],
