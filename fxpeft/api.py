@@ -6,7 +6,6 @@ import copy
 import inspect
 import os
 import sys
-import uuid
 import warnings
 from typing import Any
 
@@ -16,6 +15,7 @@ from torch import fx, nn
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.fx.graph import _PyTreeCodeGen
 
+from .atomic import replace_file
 from .errors import TraceError
 from .io import config_from_peft
 from .pipeline import rewrite_graph
@@ -351,17 +351,7 @@ def export(gm: nn.Module, path: str | os.PathLike, args: tuple = (), kwargs: dic
         ep = _export_program(gm, tuple(args), kwargs, dynamic_shapes, strict)
     finally:
         gm.train(was_training)
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    # torch.export.save opens the file itself, so the umask applies (mkstemp would leave it 0600).
-    tmp = os.path.join(directory, f".fxpeft-export-{os.getpid()}-{uuid.uuid4().hex}.pt2")
-    try:
-        torch.export.save(ep, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    replace_file(path, lambda tmp: torch.export.save(ep, tmp))
     return ep
 
 

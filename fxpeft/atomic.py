@@ -59,7 +59,7 @@ except ImportError:  # Windows: no advisory locks (see the module docstring)
 
 from .errors import AdapterFileError
 
-__all__ = ["commit_files", "verify_files", "read_lock", "MANIFEST_NAME", "LOCK_NAME", "TMP_PREFIX"]
+__all__ = ["commit_files", "replace_file", "verify_files", "read_lock", "MANIFEST_NAME", "LOCK_NAME", "TMP_PREFIX"]
 
 MANIFEST_NAME = ".fxpeft-manifest.json"
 LOCK_NAME = ".fxpeft.lock"
@@ -238,6 +238,31 @@ def commit_files(directory: str | os.PathLike, files: Sequence[tuple[str, Writer
             _close_lock(marker_fd)
     finally:
         _close_lock(lock_fd)
+
+
+def replace_file(path: str | os.PathLike, write: Writer) -> None:
+    """Write one file atomically: ``write(tmp)`` writes a temp file next to ``path``, which is then renamed
+    into place, so a crash or an error leaves the old file (or none), never half of a new one.
+
+    The temp name keeps ``path``'s extension (writers such as ``torch.export.save`` go by it) and the file is
+    opened by ``write`` itself, so the umask applies as for any new file.
+
+    Example:
+        >>> import os, tempfile
+        >>> from fxpeft.atomic import replace_file
+        >>> p = os.path.join(tempfile.mkdtemp(), "t.json")
+        >>> replace_file(p, lambda tmp: open(tmp, "w").write("[]")); open(p).read()
+        '[]'
+    """
+    path = os.fspath(path)
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(directory, f".fxpeft-{os.getpid()}-{secrets.token_hex(8)}-{name}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
 
 
 def _start(directory: str, lock_fd: int) -> tuple[str, int]:

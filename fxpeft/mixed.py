@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 import weakref
 from collections.abc import Sequence
 
@@ -22,6 +21,7 @@ import torch
 from torch import fx
 
 from .api import export
+from .atomic import replace_file
 from .errors import ConfigError
 from .passes.mixed import BASE, INDEX_INPUT, MixedBatch
 from .tags import graph_info
@@ -139,14 +139,10 @@ def export_mixed_batch(gm: fx.GraphModule, path: str | os.PathLike, args: tuple 
     names = list(adapter_names) if adapter_names is not None else [table[min(1, len(table) - 1)]] * rows
     kwargs[INDEX_INPUT] = adapter_index(gm, names)
     ep = export(twin, path, args, kwargs, strict=strict)
-    side = f"{os.fspath(path)}.adapters.json"
-    tmp = f"{side}.{os.getpid()}.{uuid.uuid4().hex}.tmp"  # renamed into place: never a half-written table
-    try:
-        with open(tmp, "w") as f:
-            json.dump(table, f)
-        os.replace(tmp, side)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    replace_file(f"{os.fspath(path)}.adapters.json", lambda tmp: _write_json(tmp, table))
     return ep
+
+
+def _write_json(path: str, value) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f)

@@ -37,10 +37,9 @@ PEFT's file layout (keys ``base_model.model.<site>.hada_w1_a`` ...)::
 from __future__ import annotations
 
 import math
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import fx, nn
@@ -49,9 +48,8 @@ from fxpeft.errors import AdapterFileError, ConfigError
 from fxpeft.registry import AdapterModule, Emit, Method, PeftConfigBase, PeftRegistry
 from fxpeft.sites import Site
 from fxpeft.tags import Role
-from fxpeft.untrusted import compile_pattern, pattern_key_match
 
-from .lora import Lora, adapter_dtype, pattern_value
+from .lora import Lora, _finite, adapter_dtype, check_rank_alpha, pattern_value, warn_unused_patterns
 
 __all__ = ["LoHaConfig", "LoHaAdapter", "LoHa", "ModuleDropout", "RankDropout"]
 
@@ -138,28 +136,9 @@ class RankDropout(nn.Module):
         return f"p={self.p}, rescale={self.rescale}, dim={self.dim}"
 
 
-def _positive_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def check_common(config: Any) -> None:
     """Check the fields LoHa and LoKr share (PEFT's ``LycorisConfig``); raise :class:`ConfigError` naming the field."""
-    if not _positive_int(config.r):
-        raise ConfigError(f"r must be a positive integer, got {config.r!r}; set e.g. r=8")
-    if not _finite(config.alpha):
-        raise ConfigError(f"alpha must be a finite number, got {config.alpha!r}")
-    for name, pattern, ok, what in (("rank_pattern", config.rank_pattern, _positive_int, "a positive integer"),
-                                    ("alpha_pattern", config.alpha_pattern, _finite, "a finite number")):
-        if not isinstance(pattern, dict):
-            raise ConfigError(f"{name} must be a dict {{pattern: value}}, got {pattern!r}")
-        for k, v in pattern.items():
-            compile_pattern(str(k), field=f"{name} key")
-            if not ok(v):
-                raise ConfigError(f"{name}[{k!r}] must be {what}, got {v!r}")
+    check_rank_alpha(config, "alpha")
     for name in ("rank_dropout", "module_dropout"):
         v = getattr(config, name)
         if not (_finite(v) and 0.0 <= v <= 1.0):
@@ -185,13 +164,6 @@ def rank_alpha(config: Any, site: Site) -> tuple[int, float]:
     """The site's ``(r, alpha)``: PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup, else the config's."""
     return (pattern_value(config.rank_pattern, site.name, config.r, "rank_pattern"),
             pattern_value(config.alpha_pattern, site.name, config.alpha, "alpha_pattern"))
-
-
-def warn_unused_patterns(config: Any, sites: list[Site]) -> None:
-    for name in ("rank_pattern", "alpha_pattern"):
-        for key in getattr(config, name):
-            if not any(pattern_key_match(str(key), s.name, field=name) for s in sites):
-                warnings.warn(f"{name} key {key!r} matches none of the {len(sites)} targeted sites; it has no effect")
 
 
 def common_value(adapters: dict[str, AdapterModule], what: str, get) -> Any:
@@ -340,9 +312,32 @@ def hada_delta(op, w1a, w1b, w2a, w2b, t1, t2, shape: tuple[int, ...]):
     return delta
 
 
+class Lycoris(Method):
+    """The hooks LoHa and LoKr share (PEFT's ``LycorisTuner``): site rules, pattern warnings, and ``build``."""
+
+    adapter_cls: ClassVar[type[AdapterModule]] = AdapterModule
+
+    @classmethod
+    def check_site(cls, site: Site, config: Any) -> str | None:
+        return check_lycoris_site(site, cls.display_name) or super().check_site(site, config)
+
+    @classmethod
+    def check_selection(cls, config: Any, sites: list[Site]) -> None:
+        warn_unused_patterns(config, sites)
+
+    @classmethod
+    def build(cls, site: Site, config: Any, adapter_name: str, weight: torch.Tensor) -> AdapterModule:
+        r, alpha = rank_alpha(config, site)
+        adapter = cls.adapter_cls(site, adapter_name, r, alpha, config,
+                                  adapter_dtype(weight, config.keep_base_dtype), weight.device)
+        adapter.reset_parameters(config.init_weights)
+        return adapter
+
+
 @PeftRegistry.register("loha")
-class LoHa(Method):
+class LoHa(Lycoris):
     config_cls = LoHaConfig
+    adapter_cls = LoHaAdapter
     display_name = "LoHa"
     color = ("#d0ebff", "#1864ab")
     site_kinds = frozenset({"linear", "conv"})
@@ -355,22 +350,6 @@ class LoHa(Method):
         check_common(config)
         if not isinstance(config.init_weights, bool):
             raise ConfigError(f"init_weights must be True or False, got {config.init_weights!r}")
-
-    @classmethod
-    def check_site(cls, site: Site, config: LoHaConfig) -> str | None:
-        return check_lycoris_site(site, cls.display_name) or super().check_site(site, config)
-
-    @classmethod
-    def check_selection(cls, config: LoHaConfig, sites: list[Site]) -> None:
-        warn_unused_patterns(config, sites)
-
-    @classmethod
-    def build(cls, site: Site, config: LoHaConfig, adapter_name: str, weight: torch.Tensor) -> LoHaAdapter:
-        r, alpha = rank_alpha(config, site)
-        adapter = LoHaAdapter(site, adapter_name, r, alpha, config, adapter_dtype(weight, config.keep_base_dtype),
-                              weight.device)
-        adapter.reset_parameters(config.init_weights)
-        return adapter
 
     @classmethod
     def insert(cls, emit: Emit, site: Site, adapter: LoHaAdapter) -> None:

@@ -45,7 +45,7 @@ import torch
 from torch import fx, nn
 
 from fxpeft.errors import ConfigError
-from fxpeft.registry import AdapterModule, Emit, Method, PeftConfigBase, PeftRegistry
+from fxpeft.registry import AdapterModule, Emit, PeftConfigBase, PeftRegistry
 from fxpeft.sites import Site
 from fxpeft.tags import Role
 
@@ -55,14 +55,13 @@ from .loha import (
     _eager,
     add_to_output,
     apply_delta,
+    Lycoris,
     check_common,
-    check_lycoris_site,
     common_value,
     rank_alpha,
     swap_tensors,
-    warn_unused_patterns,
 )
-from .lora import Lora, adapter_dtype
+from .lora import Lora
 
 __all__ = ["LoKrConfig", "LoKrAdapter", "LoKr", "factorization"]
 
@@ -251,8 +250,9 @@ def _kron_delta(op, w1, w2, layout: _Layout, weight_shape: tuple[int, ...]):
 
 
 @PeftRegistry.register("lokr")
-class LoKr(Method):
+class LoKr(Lycoris):
     config_cls = LoKrConfig
+    adapter_cls = LoKrAdapter
     display_name = "LoKr"
     color = ("#fff3bf", "#e67700")
     site_kinds = frozenset({"linear", "conv"})
@@ -273,22 +273,6 @@ class LoKr(Method):
         if config.init_weights not in (True, False, "lycoris") or isinstance(config.init_weights, int) and \
                 not isinstance(config.init_weights, bool):
             raise ConfigError(f"init_weights must be True, False or 'lycoris', got {config.init_weights!r}")
-
-    @classmethod
-    def check_site(cls, site: Site, config: LoKrConfig) -> str | None:
-        return check_lycoris_site(site, cls.display_name) or super().check_site(site, config)
-
-    @classmethod
-    def check_selection(cls, config: LoKrConfig, sites: list[Site]) -> None:
-        warn_unused_patterns(config, sites)
-
-    @classmethod
-    def build(cls, site: Site, config: LoKrConfig, adapter_name: str, weight: torch.Tensor) -> LoKrAdapter:
-        r, alpha = rank_alpha(config, site)
-        adapter = LoKrAdapter(site, adapter_name, r, alpha, config, adapter_dtype(weight, config.keep_base_dtype),
-                              weight.device)
-        adapter.reset_parameters(config.init_weights)
-        return adapter
 
     @classmethod
     def insert(cls, emit: Emit, site: Site, adapter: LoKrAdapter) -> None:

@@ -366,18 +366,7 @@ class Lora(Method):
 
     @classmethod
     def validate_config(cls, config: LoraConfig) -> None:
-        if not _positive_int(config.r):
-            raise ConfigError(f"r must be a positive integer, got {config.r!r}; set e.g. r=8")
-        if not _finite(config.lora_alpha):
-            raise ConfigError(f"lora_alpha must be a finite number, got {config.lora_alpha!r}")
-        for name, pattern, ok, what in (("rank_pattern", config.rank_pattern, _positive_int, "a positive integer"),
-                                        ("alpha_pattern", config.alpha_pattern, _finite, "a finite number")):
-            if not isinstance(pattern, dict):
-                raise ConfigError(f"{name} must be a dict {{pattern: value}}, got {pattern!r}")
-            for k, v in pattern.items():
-                compile_pattern(str(k), field=f"{name} key")
-                if not ok(v):
-                    raise ConfigError(f"{name}[{k!r}] must be {what}, got {v!r}")
+        check_rank_alpha(config, "lora_alpha")
         if not (_finite(config.lora_dropout) and 0.0 <= config.lora_dropout < 1.0):
             raise ConfigError(f"lora_dropout must be a number in [0, 1), got {config.lora_dropout!r}")
         if not isinstance(config.use_rslora, bool):
@@ -406,10 +395,7 @@ class Lora(Method):
 
     @classmethod
     def check_selection(cls, config: LoraConfig, sites: list[Site]) -> None:
-        for name in ("rank_pattern", "alpha_pattern"):
-            for key in getattr(config, name):
-                if not any(pattern_key_match(str(key), s.name, field=name) for s in sites):
-                    warnings.warn(f"{name} key {key!r} matches none of the {len(sites)} targeted sites; it has no effect")
+        warn_unused_patterns(config, sites)
 
     @classmethod
     def build(cls, site: Site, config: LoraConfig, adapter_name: str, weight: torch.Tensor) -> LoraAdapter:
@@ -853,6 +839,31 @@ def _mixed_conv(emit: Emit, site: Site, x: fx.Node, A_rows: fx.Node, s_rows: fx.
     a = emit.op(aten.mul.Tensor, a, emit.op(aten.view.default, s_rows, [-1, 1, 1]), role=Role.SCALE)
     Bm = emit.op(aten.flatten.using_ints, B_rows, 2)  # [B, out, R]
     return emit.op(aten.bmm.default, Bm, a, role=Role.UP)  # [B, out, P]
+
+
+def check_rank_alpha(config: Any, alpha_field: str) -> None:
+    """Check ``r``, the alpha field and ``rank_pattern`` / ``alpha_pattern`` (LoRA, LoHa and LoKr share them)."""
+    if not _positive_int(config.r):
+        raise ConfigError(f"r must be a positive integer, got {config.r!r}; set e.g. r=8")
+    alpha = getattr(config, alpha_field)
+    if not _finite(alpha):
+        raise ConfigError(f"{alpha_field} must be a finite number, got {alpha!r}")
+    for name, pattern, ok, what in (("rank_pattern", config.rank_pattern, _positive_int, "a positive integer"),
+                                    ("alpha_pattern", config.alpha_pattern, _finite, "a finite number")):
+        if not isinstance(pattern, dict):
+            raise ConfigError(f"{name} must be a dict {{pattern: value}}, got {pattern!r}")
+        for k, v in pattern.items():
+            compile_pattern(str(k), field=f"{name} key")
+            if not ok(v):
+                raise ConfigError(f"{name}[{k!r}] must be {what}, got {v!r}")
+
+
+def warn_unused_patterns(config: Any, sites: list[Site]) -> None:
+    """Warn about ``rank_pattern`` / ``alpha_pattern`` keys that match none of the targeted sites."""
+    for name in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(config, name):
+            if not any(pattern_key_match(str(key), s.name, field=name) for s in sites):
+                warnings.warn(f"{name} key {key!r} matches none of the {len(sites)} targeted sites; it has no effect")
 
 
 def pattern_value(pattern: dict[str, Any], name: str, default: Any, field_name: str) -> Any:
