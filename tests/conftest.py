@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import warnings
 
 import torch
+from torch import nn
 
 # Two xdist workers on two cores: one intra-op thread each, or they fight over the cores.
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -53,3 +55,48 @@ def peft_counts(model: torch.nn.Module, peft_config) -> tuple[int, int]:
 
     pm = peft.get_peft_model(copy.deepcopy(model), peft_config)
     return pm.get_nb_trainable_parameters()
+
+
+class Convs(nn.Module):
+    """A Conv1d, a grouped Conv2d and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 6, 3, padding=1)
+        self.g2 = nn.Conv2d(4, 8, 3, padding=1, groups=2)
+        self.head = nn.Linear(6 * 5 + 8 * 4 * 4, 5)
+
+    def forward(self, x, v):
+        return self.head(torch.cat([torch.relu(self.c1(x)).flatten(1), torch.relu(self.g2(v)).flatten(1)], 1))
+
+
+def convs():
+    torch.manual_seed(0)
+    return Convs().eval(), (torch.randn(2, 4, 5), torch.randn(2, 4, 4, 4)), {}
+
+
+def _bases() -> dict:
+    from fxpeft import zoo
+
+    return {"llama": zoo.tiny_llama, "gpt2": zoo.tiny_gpt2, "bert": zoo.tiny_bert, "cnn": zoo.cnn, "convs": convs}
+
+
+@functools.lru_cache(maxsize=None)
+def traced_base(name: str):
+    """(model, args, kwargs, traced graph) of a zoo model, built once per worker; tests use copies."""
+    import fxpeft
+
+    model, args, kwargs = _bases()[name]()
+    return model, args, kwargs, fxpeft.trace(model, args, kwargs)
+
+
+def traced_copy(name: str):
+    """A fresh copy of :func:`traced_base`'s graph."""
+    return copy.deepcopy(traced_base(name)[3])
+
+
+@torch.no_grad()
+def run_model(model, name: str) -> torch.Tensor:
+    """The eager model's main output on :func:`traced_base`'s inputs."""
+    _, args, kwargs, _ = traced_base(name)
+    return out_tensor(model.eval()(*args, **kwargs))

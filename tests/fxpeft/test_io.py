@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import os
 from dataclasses import dataclass
@@ -11,7 +10,15 @@ from typing import Callable
 
 import pytest
 import torch
-from conftest import assert_unchanged, out_tensor, rel_err, snapshot
+from conftest import (
+    assert_unchanged,
+    out_tensor,
+    rel_err,
+    run_model as _run_model,
+    snapshot,
+    traced_base as _base,
+    traced_copy as _graph,
+)
 from safetensors.torch import load_file, save_file
 
 import fxpeft
@@ -20,31 +27,11 @@ from fxpeft.io import CONFIG_NAME, WEIGHTS_NAME
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")  # deepcopy of an export graph
 
-_BASES = {"llama": zoo.tiny_llama, "gpt2": zoo.tiny_gpt2, "bert": zoo.tiny_bert, "cnn": zoo.cnn}
-
-
-@functools.lru_cache(maxsize=None)
-def _base(name: str):
-    """(model, args, kwargs, traced graph), built once per worker; tests use copies."""
-    model, args, kwargs = _BASES[name]()
-    return model, args, kwargs, fxpeft.trace(model, args, kwargs)
-
-
-def _graph(name: str):
-    return copy.deepcopy(_base(name)[3])
-
-
 @torch.no_grad()
 def _run(gm, name: str) -> torch.Tensor:
     _, args, kwargs, _ = _base(name)
     gm.eval()
     return out_tensor(gm(*args, **{k: v for k, v in kwargs.items() if k != "use_cache"}))
-
-
-@torch.no_grad()
-def _run_model(model, name: str) -> torch.Tensor:
-    _, args, kwargs, _ = _base(name)
-    return out_tensor(model.eval()(*args, **kwargs))
 
 
 def _adapter_state(gm, adapter_name="default") -> dict[str, torch.Tensor]:

@@ -5,12 +5,20 @@ training-only dropouts, the lifecycle, and typed refusals that leave the graph u
 from __future__ import annotations
 
 import copy
-import functools
 import json
 
 import pytest
 import torch
-from conftest import assert_unchanged, out_tensor, peft_counts, rel_err, snapshot
+from conftest import (
+    assert_unchanged,
+    out_tensor,
+    peft_counts,
+    rel_err,
+    run_model as _run_model,
+    snapshot,
+    traced_base as _base,
+    traced_copy as _graph,
+)
 from safetensors.torch import load_file
 from torch import nn
 
@@ -26,48 +34,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")  # de
 _PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class _Convs(nn.Module):
-    """A Conv1d, a grouped Conv2d and a linear head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1 = nn.Conv1d(4, 6, 3, padding=1)
-        self.g2 = nn.Conv2d(4, 8, 3, padding=1, groups=2)
-        self.head = nn.Linear(6 * 5 + 8 * 4 * 4, 5)
-
-    def forward(self, x, v):
-        return self.head(torch.cat([torch.relu(self.c1(x)).flatten(1), torch.relu(self.g2(v)).flatten(1)], 1))
-
-
-def _convs():
-    torch.manual_seed(0)
-    return _Convs().eval(), (torch.randn(2, 4, 5), torch.randn(2, 4, 4, 4)), {}
-
-
-_BASES = {"llama": zoo.tiny_llama, "cnn": zoo.cnn, "convs": _convs}
-
-
-@functools.lru_cache(maxsize=None)
-def _base(name: str):
-    """(model, args, kwargs, traced graph), built once; tests use copies."""
-    model, args, kwargs = _BASES[name]()
-    return model, args, kwargs, fxpeft.trace(model, args, kwargs)
-
-
-def _graph(name: str):
-    return copy.deepcopy(_base(name)[3])
-
-
 @torch.no_grad()
 def _run(gm, name: str) -> torch.Tensor:
     _, args, kwargs, _ = _base(name)
     return out_tensor(gm(*args, **{k: v for k, v in kwargs.items() if k != "use_cache"}))
-
-
-@torch.no_grad()
-def _run_model(model, name: str) -> torch.Tensor:
-    _, args, kwargs, _ = _base(name)
-    return out_tensor(model.eval()(*args, **kwargs))
 
 
 CASES = {
