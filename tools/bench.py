@@ -19,6 +19,9 @@ Measures:
   mixed     a mixed batch (32 rows, K = 1, 4, 16, 32 adapters of rank 16, one per row round-robin), inference:
             fxpeft's ``adapter_names=`` forward vs PEFT's, and vs each library's one-adapter unmerged forward;
             then fxpeft's mixed graph vs its one-adapter graph, both under torch.compile
+  methods   the other methods (LoHa r16, LoKr r16, OFT block 32, VeRA r256, as registered): PEFT's adapter with
+            a non-zero init, saved and loaded into the graph (logits checked), then one train step each, fxpeft vs
+            PEFT's same method
   memory    peak training memory: one fresh process per variant; set-up first, then malloc_trim and a
             reset of the peak-RSS counter (/proc/self/clear_refs), then the peak RSS growth over 2 steps.
             Also the bytes autograd saves for backward in one step (exact, via saved_tensors_hooks)
@@ -44,6 +47,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -59,7 +63,16 @@ import fxpeft  # noqa: E402
 from fxpeft.zoo import tiny_llama  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ALL_MEASURES = ("rewrite", "train", "compile", "infer", "merged", "merge", "memory", "switch", "mixed", "dora")
+ALL_MEASURES = ("rewrite", "train", "compile", "infer", "merged", "merge", "memory", "switch", "mixed", "dora", "methods")
+
+#: the other methods' train step against PEFT's same method (measure ``methods``): name -> PEFT config fields, on
+#: TARGETS. Each PEFT adapter starts non-zero (``init_weights=False``), is saved, and is loaded into the graph.
+METHODS: dict[str, dict[str, Any]] = {
+    "loha": dict(r=16, alpha=32),
+    "lokr": dict(r=16, alpha=32),
+    "oft": dict(oft_block_size=32, r=0),
+    "vera": dict(r=256),
+}
 
 
 @dataclass(frozen=True)
@@ -85,7 +98,7 @@ CASES = {
     "large": Case("large", 4, 1024, 4, 128, measures=("train", "infer", "memory")),
     "rewrite32": Case("rewrite32", 32, 512, 2, 16, dropouts=(0.1,), measures=("rewrite",)),
     "smoke": Case("smoke", 1, 64, 2, 16, dropouts=(0.0, 0.1), measures=("rewrite", "train", "infer", "merged", "merge", "dora",
-                                                                         "memory", "switch", "mixed"),
+                                                                         "methods", "memory", "switch", "mixed"),
                   mixed_rows=4, mixed_seq=8, mixed_ks=(2,)),
 }
 
@@ -106,6 +119,7 @@ GOALS: dict[tuple[str, str], tuple[str, Callable[[float], bool]]] = {
     ("memory", "0.0"): ("≤ 1.0", lambda r: r <= 1.0),
     ("memory", "0.1"): ("≤ 1.0", lambda r: r <= 1.0),
     ("dora", "0.0"): ("≤ 0.80", lambda r: r <= 0.80),
+    **{("methods", m): ("≤ 1.0", lambda r: r <= 1.0) for m in METHODS},
 }
 
 
@@ -241,7 +255,7 @@ class Bench:
         self.base_hf = copy.deepcopy(self.model)  # the model the graph shares weights with stays untouched
 
     def pairs(self, kind: str) -> int:
-        full = {"rewrite": 9, "train": 20, "compile": 12, "infer": 30, "merged": 30, "merge": 9}[kind]
+        full = {"rewrite": 9, "train": 20, "compile": 12, "infer": 30, "merged": 30, "merge": 9, "methods": 9}[kind]
         if self.case.name == "large":
             full = max(5, full // 3)
         if self.args.pairs:
@@ -462,6 +476,38 @@ class Bench:
         self.add("mixed", "compiled", f"mixed batch K={k}, torch.compile: mixed / one adapter",
                  summarize(times, "fxpeft", "peft"), extra)
 
+    def methods(self) -> None:
+        """Each method of :data:`METHODS` that is registered: PEFT's adapter (non-zero), saved, loaded into the
+        graph, logits checked, then the train step timed against PEFT's (same weights, data and optimizer)."""
+        import peft
+
+        for name, fields in METHODS.items():
+            if name not in fxpeft.PeftRegistry.names():
+                log(f"[{self.case.name}] methods: {name} is not registered here, skipped")
+                continue
+            cls = {c.__name__.lower(): c for c in vars(peft).values() if isinstance(c, type)}[f"{name}config"]
+            torch.manual_seed(0)
+            pm = peft.get_peft_model(copy.deepcopy(self.base_hf),
+                                     cls(target_modules=TARGETS, init_weights=False, **fields))
+            with tempfile.TemporaryDirectory() as d:
+                pm.save_pretrained(d)
+                gm = fxpeft.load_adapter(copy.deepcopy(self.base_gm), d)
+            pm.eval(), gm.eval()
+            with torch.no_grad():
+                ref = pm(input_ids=self.ids, use_cache=False).logits
+                rel = ((gm(input_ids=self.ids).logits - ref).double().norm() / ref.double().norm()).item()
+            counts = fxpeft.get_nb_trainable_parameters(gm)[0], pm.get_nb_trainable_parameters()[0]
+            log(f"[{self.case.name}] {name}: eval logits rel err vs PEFT {rel:.2e}; trainable {counts[0]:,} vs "
+                f"PEFT {counts[1]:,}")
+            gm.train(), pm.train()
+            trainers = {"fxpeft": Trainer(gm, lambda i, g=gm: g(input_ids=i), self.ids),
+                        "peft": Trainer(pm, lambda i, p=pm: p(input_ids=i, use_cache=False), self.ids)}
+            times = alternate({k: timed(t.step) for k, t in trainers.items()}, self.pairs("methods"), 2)
+            self.add("methods", name, f"{name} train step ({', '.join(f'{k}={v}' for k, v in fields.items())})",
+                     summarize(times, "fxpeft", "peft"), {"rel_err_vs_peft": rel, "trainable": counts})
+            del gm, pm, trainers
+            gc.collect()
+
     def memory(self, dropout: float) -> None:
         variants = ("fxpeft", "fxpeft_unfused", "peft")
         reps = 1 if (self.args.quick or self.case.name in ("smoke", "large")) else 3
@@ -487,7 +533,7 @@ class Bench:
     def measures(self) -> tuple[str, ...]:
         want = self.args.measures or ALL_MEASURES
         if self.args.quick:
-            want = [m for m in want if m in ("rewrite", "train", "infer", "merge", "dora")]
+            want = [m for m in want if m in ("rewrite", "train", "infer", "merge", "dora", "methods")]
         return tuple(m for m in self.case.measures if m in want)
 
     def run(self) -> None:
@@ -514,6 +560,8 @@ class Bench:
             self.switch()
         if "mixed" in ms:
             self.mixed()
+        if "methods" in ms:
+            self.methods()
         for p in self.case.dropouts:
             if "memory" in ms:
                 self.memory(p)

@@ -105,3 +105,15 @@ def test_dora_measure_times_models_that_compute_what_peft_computes(bench):
     assert set(row["ms"]) == {"fxpeft", "peft"}
     assert row["max_abs_diff_logits_vs_peft"] < 1e-4
     assert bench.GOALS[("dora", "0.0")][0] == "≤ 0.80"
+
+
+def test_methods_measure_loads_peft_adapters_that_compute_what_peft_computes(bench):
+    b = bench.Bench(bench.CASES["smoke"], _args())
+    b.methods()
+    rows = {r["key"]: r for r in b.results}
+    assert {"loha", "lokr"} <= set(rows)  # the methods registered when this was written; others as they land
+    for name, row in rows.items():
+        assert row["measure"] == "methods" and row["pairs"] == 1 and set(row["ms"]) == {"fxpeft", "peft"}
+        assert row["rel_err_vs_peft"] < 1e-5, name
+        assert row["trainable"][0] == row["trainable"][1], name
+        assert bench.GOALS[("methods", name)][0] == "≤ 1.0"
