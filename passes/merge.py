@@ -22,7 +22,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from fxpeft.copies import FullCopy, site_adapters, write_copies
 from fxpeft.errors import MergeError
 from fxpeft.registry import AdapterModule, PeftRegistry
-from fxpeft.sites import Site, _attr, find_sites
+from fxpeft.sites import SITE_KINDS, Site, _attr, find_sites
 from fxpeft.tags import TAG_KEY, get_tag, graph_info
 
 from .remove import detach_adapters, restore_base_flags, select_adapters
@@ -124,7 +124,7 @@ class MergeAdapters:
         if not mods:
             gm.graph.lint()
             return PassResult(gm, False)
-        sites = find_sites(gm)
+        sites = find_sites(gm, SITE_KINDS)
         copies = [m for m in mods.values() if isinstance(m, FullCopy)]
         plan: dict[str, list[AdapterModule]] = {}
         for path, m in site_adapters(mods).items():
@@ -133,15 +133,21 @@ class MergeAdapters:
                                  "graph; was the graph edited by hand?")
             plan.setdefault(m.site_name, []).append(m)
         with torch.no_grad():
+            folded = {}
             for name, group in plan.items():  # nothing is written unless every merge is finite
-                weight, _, w, b = _folded(gm, sites[name], group)
+                weight, bias, w, b = _folded(gm, sites[name], group)
                 if not (_fits(w, weight.dtype) and (b is None or _fits(b, weight.dtype))):
                     raise MergeError(f"merging {[m.adapter_name for m in group]} into {sites[name].weight!r} gives "
                                      "non-finite values (NaN/inf); the adapter weights have diverged. Nothing was "
                                      "merged; check the training (learning rate, loss scaling) or reload a good adapter.")
+                # kept in the weight's dtype: the same memory the write below swaps in (the old data stays
+                # referenced until the transaction commits either way), and each fold is computed once
+                folded[name] = (weight, bias, w.to(weight.dtype),
+                                None if b is None else b.to((bias if bias is not None else weight).dtype))
+                del w, b
             with transaction(gm) as txn:
                 write_copies(gm, copies, txn)  # first: a bias a method folds into is the trained copy's
-                _write(gm, sites, plan, txn)
+                _write(gm, sites, folded, txn)
                 detach_adapters(gm, mods)
                 restore_base_flags(gm)
                 gm.graph.lint()
@@ -159,26 +165,25 @@ def _folded(gm: fx.GraphModule, site: Site, group: list[AdapterModule]):
     return weight, bias, w, b
 
 
-def _write(gm: fx.GraphModule, sites: dict[str, Site], plan: dict[str, list[AdapterModule]], txn: Transaction) -> None:
-    """Give each merged parameter its merged data, one site at a time (the old data is kept, by reference, until
-    the transaction ends, so a failure puts it back); a weight tied to another call site is untied instead."""
+def _write(gm: fx.GraphModule, sites: dict[str, Site], folded: dict[str, tuple], txn: Transaction) -> None:
+    """Give each merged parameter its merged data (``folded``: site -> weight, bias, and their merged values in
+    the weight's dtype), one site at a time (the old data is kept, by reference, until the transaction ends, so a
+    failure puts it back); a weight tied to another call site is untied instead."""
     readers = _readers_index(gm)
-    for name, group in plan.items():
+    for name, (weight, bias, w, b) in folded.items():
         site = sites[name]
-        weight, bias, w, b = _folded(gm, site, group)
         own = _own_readers(site)
         if any(u not in own for u in readers.get(id(weight), ())):
-            where = _untie(gm, site, w.to(weight.dtype), weight)
+            where = _untie(gm, site, w, weight)
             readers[id(weight)] = [u for u in readers[id(weight)] if u not in own]
             warnings.warn(f"merge: {site.name!r} shares its weight with another call site (tied weights); "
                           f"the merged weight is a new parameter {where!r} and the other site is unchanged")
         else:
-            txn.replace_data(weight, w.to(weight.dtype))
+            txn.replace_data(weight, w)
         if bias is not None and b is not None:
-            txn.replace_data(bias, b.to(bias.dtype))
+            txn.replace_data(bias, b)
         elif b is not None:  # a method's bias (LoRA's lora_bias) on a site without one: the site gets a bias
-            _add_bias(gm, site, b.to(weight.dtype), weight)
-        del w, b
+            _add_bias(gm, site, b, weight)
 
 
 def _add_bias(gm: fx.GraphModule, site: Site, value: torch.Tensor, weight: nn.Parameter) -> None:
