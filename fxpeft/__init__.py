@@ -35,6 +35,7 @@ from .errors import (
     TargetError,
     TraceError,
     UnsupportedSiteError,
+    WeightsError,
 )
 from .graph import to_networkx
 from .lifecycle import (
@@ -55,6 +56,7 @@ from .registry import AdapterModule, Emit, Method, PeftConfigBase, PeftRegistry
 from .tags import AdapterTag, GraphInfo, Role
 from .sites import Site, find_sites, list_sites, unreached_weights
 from .viz import draw
+from .weights import empty_weights, load_weights, meta_tensors
 
 __version__ = "0.1.0"
 
@@ -86,6 +88,9 @@ __all__ = [
     "find_sites",
     "unreached_weights",
     "draw",
+    "empty_weights",
+    "load_weights",
+    "meta_tensors",
     "to_networkx",
     "Site",
     "get_nb_trainable_parameters",
@@ -109,6 +114,7 @@ __all__ = [
     "ConfigError",
     "TargetError",
     "UnsupportedSiteError",
+    "WeightsError",
     "AdapterExistsError",
     "MergeError",
     "AdapterFileError",

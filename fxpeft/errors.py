@@ -13,6 +13,7 @@ __all__ = [
     "TargetError",
     "UnsupportedSiteError",
     "AdapterExistsError",
+    "WeightsError",
     "MergeError",
     "AdapterFileError",
     "DrawError",
@@ -62,6 +63,11 @@ class AdapterFileError(FxPeftError, ValueError):
 
 class DrawError(FxPeftError, ValueError):
     """:func:`fxpeft.draw` got something it cannot draw (an unknown file type, a ``before=`` that is no snapshot)."""
+
+
+class WeightsError(FxPeftError, ValueError):
+    """A model checkpoint does not fit the graph (names, shapes, a missing shard), or a graph's weights are still
+    on the meta device (not loaded yet)."""
 
 
 class GraphvizNotFoundError(FxPeftError, RuntimeError):
