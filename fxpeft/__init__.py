@@ -51,7 +51,10 @@ from .lifecycle import (
 )
 from .mixed import adapter_index, export_mixed_batch, mixed_batch
 from .io import config_from_peft, hotswap_adapter, load_adapter, prepare_for_hotswap, save_adapter, save_merged
-from .methods import IA3Config, LoHaConfig, LoKrConfig, LoraConfig
+from .methods.adalora import AdaLoraConfig, adalora_orth_loss, update_and_allocate
+from .methods import BOFTConfig, IA3Config, LNTuningConfig, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, VeraConfig
+from .methods.poly import PolyConfig
+from .methods.trainable_tokens import TrainableTokensConfig
 from .registry import AdapterModule, Emit, Method, PeftConfigBase, PeftRegistry
 from .tags import AdapterTag, GraphInfo, Role
 from .sites import Site, find_sites, list_sites, unreached_weights
@@ -99,6 +102,15 @@ __all__ = [
     "IA3Config",
     "LoHaConfig",
     "LoKrConfig",
+    "LNTuningConfig",
+    "AdaLoraConfig",
+    "update_and_allocate",
+    "adalora_orth_loss",
+    "BOFTConfig",
+    "OFTConfig",
+    "VeraConfig",
+    "PolyConfig",
+    "TrainableTokensConfig",
     "PeftRegistry",
     "Method",
     "AdapterModule",

@@ -137,13 +137,18 @@ def _record(gm: fx.GraphModule, model: nn.Module, dialect: str) -> None:
     cfg = getattr(model, "config", None)
     transformers = sys.modules.get("transformers")
     is_hf = transformers is not None and isinstance(model, getattr(transformers, "PreTrainedModel", ()))
-    head = None
+    head = embedding = None
     if is_hf:  # "all-linear" leaves out exactly what PEFT leaves out
         out = model.get_output_embeddings()
         head = next((n for n, m in model.named_modules() if m is out), "") if out is not None else ""
+        try:  # PEFT's default target for methods that adapt the input embedding (get_input_embeddings)
+            emb = model.get_input_embeddings()
+        except (NotImplementedError, AttributeError):
+            emb = None
+        embedding = next((n for n, m in model.named_modules() if m is emb), None) if emb is not None else None
     info = graph_info(gm) if isinstance(getattr(gm, "meta", {}).get(INFO_KEY), GraphInfo) else GraphInfo()
     info.dialect, info.model_type, info.model_class = dialect, getattr(cfg, "model_type", None), type(model).__name__
-    info.output_head, info.is_transformers = head, is_hf
+    info.output_head, info.is_transformers, info.input_embedding = head, is_hf, embedding
     set_graph_info(gm, info)
 
 

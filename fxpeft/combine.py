@@ -25,7 +25,7 @@ from .passes.inject import adapter_modules, check_adapter_name
 from .passes.transaction import transaction
 from .pipeline import rewrite_graph
 from .registry import AdapterModule, PeftRegistry
-from .sites import find_sites
+from .sites import SITE_KINDS, find_sites
 
 __all__ = ["add_weighted_adapter", "Combination", "COMBINATION_TYPES", "prune_by_magnitude", "prune_at_random",
            "majority_sign_mask", "disjoint_merge", "merge_task_tensors"]
@@ -294,7 +294,7 @@ def add_weighted_adapter(gm: fx.GraphModule, adapters: list[str], weights: list[
     combination = Combination(combination_type, svd_rank, svd_clamp, bool(svd_full_matrices), svd_driver,
                               density, majority_sign_method)
     method = PeftRegistry.get(next(iter(sources[0].values())).method)
-    all_sites = find_sites(gm)
+    all_sites = find_sites(gm, SITE_KINDS)
     used = {n for src in sources for n in src}
     if used - all_sites.keys():
         raise ConfigError(f"adapter sites {sorted(used - all_sites.keys())[:3]} are no longer call sites of this "

@@ -44,7 +44,7 @@ from .pipeline import rewrite_graph
 from .passes.inject import adapter_modules
 from .passes.transaction import transaction
 from .registry import AdapterModule, Method, PeftRegistry
-from .sites import Site, find_sites
+from .sites import CALL_KINDS, SITE_KINDS, Site, find_sites
 from .tags import graph_info
 from .targeting import TASK_MODULES, matches, saved_names, select_sites
 from .untrusted import load_json
@@ -203,7 +203,9 @@ def _model_class(gm: fx.GraphModule) -> str | None:
 # --------------------------------------------------------------------------------------------- save_adapter
 
 
-def save_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_name: str = "default") -> None:
+def save_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_name: str = "default", *,
+                 convert_to_original_base: bool = False,
+                 path_initial_model_for_weight_conversion: str | os.PathLike | None = None) -> None:
     """Write one adapter of ``gm`` as ``adapter_config.json`` + ``adapter_model.safetensors`` in PEFT's layout.
 
     ``peft.PeftModel.from_pretrained(model, directory)`` loads the result on the original model class.
@@ -214,10 +216,16 @@ def save_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_name:
         gm: a rewritten graph.
         directory: created if missing; existing adapter files in it are replaced.
         adapter_name: which adapter of ``gm`` to write (the file itself holds no adapter name, as in PEFT).
+        convert_to_original_base: for an adapter whose init changed the base weights (PiSSA, OLoRA), write instead
+            the adapter that gives the same model on the *original* base weights (the method's
+            :meth:`~fxpeft.Method.convert_to_original_base`, from the initial tensors the adapter kept).
+        path_initial_model_for_weight_conversion: PEFT's form of the same: the directory of the adapter as it was
+            initialised (saved before training); its tensors are the initial ones. The directory is only read.
 
     Raises:
-        AdapterFileError: ``gm`` has no such adapter, it cannot be expressed as one PEFT config, or the directory
-            cannot be written.
+        AdapterFileError: ``gm`` has no such adapter, it cannot be expressed as one PEFT config, a conversion is
+            asked of an adapter without one (or with an initial adapter that does not fit), or the directory cannot
+            be written.
 
     Example:
         >>> import torch, fxpeft, tempfile, os
@@ -234,19 +242,38 @@ def save_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_name:
         have = sorted({m.adapter_name for m in adapter_modules(gm).values()})
         raise AdapterFileError(f"the graph holds no adapter named {adapter_name!r} (it holds {have}); "
                                "pass adapter_name=, or rewrite the graph first")
+    # companions (another method's adapters that the primary config asked for beside its own: Method.companions)
+    # are written under the primary's config and keys
+    extra = {n: m for n, m in mods.items() if m.companion}
+    mods = {n: m for n, m in mods.items() if not m.companion}
+    if not mods:
+        raise AdapterFileError(f"adapter {adapter_name!r} holds only companion adapters, without the config that "
+                               "asked for them; it cannot be written as a PEFT adapter")
     methods = {m.method for m in mods.values()}
     if len(methods) > 1:
         raise AdapterFileError(f"adapter {adapter_name!r} mixes methods {sorted(methods)}; one PEFT adapter file holds "
                                "one method. Give each method its own adapter name")
     method = PeftRegistry.get(methods.pop())
-    sites = find_sites(gm)
+    sites = find_sites(gm, CALL_KINDS | method.site_kinds)
     lost = [s for s in mods if s not in sites]
     if lost:
         raise AdapterFileError(f"adapter sites {lost[:3]} are no longer call sites of this graph; was it edited by hand?")
     config = _config_for(gm, method, mods, sites, copies)
+    for m_name in sorted({m.method for m in extra.values()}):
+        config.update(PeftRegistry.get(m_name).companion_fields(
+            {n: m for n, m in extra.items() if m.method == m_name}, sites))
     shapes = _check_round_trip(gm, method, config, mods, sites, copies)
-    tensors = {f"{_PREFIX}{n}.{k}": t.detach().to("cpu").reshape(shapes[n][k]).contiguous().clone()
-               for n, m in mods.items() for k, t in method.site_tensors(m, sites[n]).items()}
+    shapes.update(_companion_round_trip(gm, method, config, extra, sites))
+    by_site = {n: {k: t.detach().to("cpu").reshape(shapes[n][k]).contiguous().clone()
+                   for k, t in method.site_tensors(m, sites[n]).items()} for n, m in mods.items()}
+    if convert_to_original_base or path_initial_model_for_weight_conversion is not None:
+        initial = _initial_tensors(method, mods, sites, by_site, path_initial_model_for_weight_conversion,
+                                   convert_to_original_base)
+        config, by_site = method.convert_to_original_base(config, by_site, initial)
+    by_site.update({n: {k: t.detach().to("cpu").reshape(shapes[n][k]).contiguous().clone()
+                        for k, t in PeftRegistry.get(m.method).site_tensors(m, sites[n]).items()}
+                    for n, m in extra.items()})
+    tensors = {f"{_PREFIX}{n}.{k}": t.contiguous() for n, per in by_site.items() for k, t in per.items()}
     tensors.update({_PREFIX + k: t.to("cpu").contiguous().clone() for k, t in copy_tensors(copies).items()})
     shared = getattr(gm, Method.shared_path(method.name, adapter_name), None)
     if shared is not None:  # state every site of the adapter reads (VeRA's matrices), under the method's keys
@@ -254,6 +281,37 @@ def save_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_name:
     _warn_differences(method, [sites[n] for n in mods], "save_adapter")
     _commit(_prepare_dir(directory), [(WEIGHTS_NAME, _tensor_writer(tensors)),
                                       (CONFIG_NAME, _text_writer(json.dumps(config, indent=2, sort_keys=True) + "\n"))])
+
+
+def _initial_tensors(method: type[Method], mods: dict[str, AdapterModule], sites: dict[str, Site],
+                     by_site: dict[str, dict[str, torch.Tensor]], path: str | os.PathLike | None,
+                     own: bool) -> dict[str, dict[str, torch.Tensor]]:
+    """Each site's tensors as initialised: kept by the adapter (``own``), or read from PEFT's initial adapter
+    directory ``path``; checked against the keys and shapes of the tensors being saved."""
+    if own and path is not None:
+        raise AdapterFileError("pass convert_to_original_base=True or path_initial_model_for_weight_conversion, not "
+                               "both: the first uses the initial tensors the adapter kept")
+    if own:
+        initial = {n: method.initial_site_tensors(m, sites[n]) for n, m in mods.items()}
+        missing = [n for n, t in initial.items() if t is None]
+        if missing:
+            raise AdapterFileError(f"site(s) {_few(missing)} kept no initial tensors: their init did not change the "
+                                   "base weights, so the adapter applies to the original base as it is; save it "
+                                   "without convert_to_original_base")
+        found = {n: {k: t.detach().to("cpu") for k, t in per.items()} for n, per in initial.items()}
+    else:
+        config, tensors = _open_adapter_dir(path)
+        if str(config.get("peft_type", "")).lower() != method.name:
+            raise AdapterFileError(f"the initial adapter in {os.fspath(path)!r} is of peft_type "
+                                   f"{config.get('peft_type')!r}, not {method.name.upper()}")
+        found = {n: {k: tensors[f"{_PREFIX}{n}.{k}"] for k in per if f"{_PREFIX}{n}.{k}" in tensors}
+                 for n, per in by_site.items()}
+    wrong = [f"{n}.{k}: initial {tuple(t.shape)}, adapter {tuple(by_site[n][k].shape)}" for n, per in found.items()
+             for k, t in per.items() if k in by_site.get(n, {}) and tuple(t.shape) != tuple(by_site[n][k].shape)]
+    if wrong:
+        raise AdapterFileError(f"the initial tensors do not fit the adapter: {_few(wrong)}; they must be the same "
+                               "adapter as initialised")
+    return found
 
 
 _TASKS = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
@@ -310,6 +368,33 @@ def _check_round_trip(gm: fx.GraphModule, method: type[Method], config: dict[str
     return {n: method.site_shapes(fx_config, sites[n]) for n in mods}
 
 
+def _companion_sites(gm: fx.GraphModule, method: type[Method], fx_config: Any,
+                     sites: dict[str, Site]) -> dict[str, tuple[type[Method], Any, Site]]:
+    """The sites of the companions ``fx_config`` asks for (:meth:`fxpeft.Method.companions`): site -> (method, its
+    config, site)."""
+    out: dict[str, tuple[type[Method], Any, Site]] = {}
+    for extra in method.companions(fx_config):
+        companion = PeftRegistry.for_config(extra)
+        for s in select_sites(gm, extra, companion, sites):
+            out[s.name] = (companion, extra, s)
+    return out
+
+
+def _companion_round_trip(gm: fx.GraphModule, method: type[Method], config: dict[str, Any],
+                          extra: dict[str, AdapterModule], sites: dict[str, Site]) -> dict[str, dict[str, tuple]]:
+    """The companions the written config asks for must be exactly ``extra``, with the same settings. Returns each
+    companion site's PEFT tensor shapes."""
+    try:
+        found = _companion_sites(gm, method, method.config_from_peft(config), sites)
+    except FxPeftError as e:
+        raise AdapterFileError(f"internal: the config fxpeft built does not resolve on its own graph: {e}") from e
+    if set(found) != set(extra) or any(c.site_settings(cfg, s) != c.adapter_settings(extra[n])
+                                       for n, (c, cfg, s) in found.items()):
+        raise AdapterFileError("internal: the written config does not ask for exactly this adapter's companion "
+                               "adapters; please report this graph")
+    return {n: c.site_shapes(cfg, s) for n, (c, cfg, s) in found.items()}
+
+
 # --------------------------------------------------------------------------------------------- load_adapter
 
 
@@ -334,7 +419,7 @@ def _method_of(config: dict[str, Any]) -> type[Method]:
 def config_from_peft(peft_config: Any):
     """Convert an HF PEFT config object (``peft.LoraConfig``, ``peft.IA3Config``, ...) into fxpeft's config.
 
-    Features fxpeft does not implement (trainable tokens, PiSSA inits, ...) raise :class:`AdapterFileError`.
+    Features fxpeft does not implement (LoftQ, EVA, CorDA inits, ...) raise :class:`AdapterFileError`.
 
     Example:
         >>> import peft, fxpeft
@@ -473,19 +558,23 @@ def load_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_name:
     fx_config = method.config_from_peft(config)
     if fx_config.target_modules is None:
         raise AdapterFileError(f"{CONFIG_NAME} has no target_modules; fxpeft needs them to know what to adapt")
-    sites = find_sites(gm)
+    sites = find_sites(gm, CALL_KINDS | method.site_kinds)
     try:  # fxpeft's own targeting follows PEFT's rules (list suffixes, full-match regex, "all-linear")
         chosen = select_sites(gm, fx_config, method, sites)
     except TargetError as e:
         raise AdapterFileError(f"{CONFIG_NAME} does not fit this graph (the adapter of another architecture?): {e}") from e
     shapes = {s.name: method.site_shapes(fx_config, s) for s in chosen}
+    try:  # other methods' adapters the config asks for beside its own (Method.companions)
+        extra = {n: c.site_shapes(cfg, s) for n, (c, cfg, s) in _companion_sites(gm, method, fx_config, sites).items()}
+    except TargetError as e:
+        raise AdapterFileError(f"{CONFIG_NAME} does not fit this graph: {e}") from e
     try:
         plans = plan_copies(gm, fx_config, adapter_name, chosen)  # modules_to_save, trained biases
     except TargetError as e:
         raise AdapterFileError(f"{CONFIG_NAME} does not fit this graph: {e}") from e
     shared = _take_shared(tensors, method.shared_shapes(fx_config, chosen))
     copied = take_copy_tensors(tensors, plans, _PREFIX)
-    by_site, base = _match_tensors(tensors, shapes, method.refused_keys(), gm, sites)
+    by_site, base = _match_tensors(tensors, {**shapes, **extra}, method.refused_keys(), gm, sites)
     _warn_differences(method, chosen, "load_adapter")
     exact = dataclasses.replace(fx_config, target_modules=_exact_regex(shapes), exclude_modules=None,
                                 layers_to_transform=None, layers_pattern=None)
@@ -496,6 +585,8 @@ def load_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_name:
         mods = {m.site_name: m for m in site_adapters(own).values()}
         for name in shapes:
             method.load_site_tensors(mods[name], sites[name], by_site[name])
+        for name in extra:
+            PeftRegistry.get(mods[name].method).load_site_tensors(mods[name], sites[name], by_site.get(name, {}))
         load_copy_tensors({p: m for p, m in own.items() if isinstance(m, FullCopy)}, copied)
         if shared:
             method.load_shared_tensors(getattr(gm, Method.shared_path(method.name, adapter_name)), shared)
@@ -540,13 +631,14 @@ def hotswap_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_na
         raise AdapterFileError(f"the file holds a {method.display_name} adapter; {adapter_name!r} is "
                                f"{sorted({m.method for m in mods.values()})}: a hot-swap keeps the method")
     fx_config = method.config_from_peft(config)
-    sites = find_sites(gm)
+    sites = find_sites(gm, CALL_KINDS | method.site_kinds)
     chosen = {s.name for s in select_sites(gm, fx_config, method, sites)}
     if chosen != set(mods):
         raise AdapterFileError(f"the file adapts other sites than {adapter_name!r} (only in the file: "
                                f"{sorted(chosen - set(mods))[:3]}, only in the graph: {sorted(set(mods) - chosen)[:3]}); "
                                "a hot-swap replaces weights, not targets: use load_adapter")
     shapes = {n: method.site_shapes(fx_config, sites[n]) for n in chosen}
+    shared = _take_shared(tensors, method.shared_shapes(fx_config, [sites[n] for n in chosen]))
     by_site, _ = _match_tensors(tensors, shapes, method.refused_keys(), gm, sites)
     with transaction(gm) as txn:  # every site is checked by swap_in before the next is written; roll back on error
         for name, m in mods.items():
@@ -554,6 +646,15 @@ def hotswap_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_na
                 txn.will_write(t)
             txn.on_rollback(lambda m=m, d=dict(m.__dict__): m.__dict__.update(d))
             method.swap_in(m, sites[name], fx_config, by_site[name])
+        if shared:  # the state the sites share (Method.shared_state), replaced in place at the same shapes
+            state = getattr(gm, Method.shared_path(method.name, adapter_name))
+            have = {k: tuple(t.shape) for k, t in method.shared_tensors(state).items()}
+            if have != {k: tuple(t.shape) for k, t in shared.items()}:
+                raise AdapterFileError(f"the file's shared tensors {_few(sorted(shared))} do not fit the adapter's "
+                                       "(a hot-swap keeps shapes); use load_adapter")
+            for t in list(state.parameters()) + list(state.buffers()):
+                txn.will_write(t)
+            method.load_shared_tensors(state, shared)
 
 
 def prepare_for_hotswap(gm: fx.GraphModule, *, target_rank: int | None = None) -> fx.GraphModule:
@@ -566,7 +667,7 @@ def prepare_for_hotswap(gm: fx.GraphModule, *, target_rank: int | None = None) -
 
     if target_rank is not None and not (isinstance(target_rank, int) and target_rank > 0):
         raise AdapterFileError(f"target_rank must be a positive integer, got {target_rank!r}")
-    sites = find_sites(gm)
+    sites = find_sites(gm, SITE_KINDS)
     with transaction(gm):
         fused = UnfuseLowRankSiblings()(gm).modified  # fused splits bake the ranks in: re-fuse after padding
         for m in site_adapters(adapter_modules(gm)).values():

@@ -96,8 +96,9 @@ def set_adapter(gm: fx.GraphModule, adapter_name: str | list[str]) -> None:
     for m in adapter_modules(gm).values():
         on = m.adapter_name in names
         m.set_active(on)
+        trained = {id(p) for p in m.trainable_parameters()}
         for p in m.parameters():
-            p.requires_grad_(on)
+            p.requires_grad_(on and id(p) in trained)
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from torch import fx
 from .errors import ConfigError
 from .passes import FuseLowRankSiblings, InjectAdapter
 from .passes.transaction import transaction
+from .registry import PeftRegistry
 
 __all__ = ["rewrite_graph"]
 
@@ -18,12 +19,13 @@ def rewrite_graph(gm: fx.GraphModule, config: Any, adapter_name: str = "default"
     if not isinstance(gm, fx.GraphModule):
         raise ConfigError(f"rewrite takes the graph of a model (a torch.fx.GraphModule), got {type(gm).__name__}; "
                           "capture the model first: gm = fxpeft.trace(model, args, kwargs)")
-    if not fuse:
-        return InjectAdapter(config, adapter_name)(gm).graph_module
-    # Code generation is the costliest step on a big graph: do it once, after fusion. Both passes are atomic;
-    # the outer transaction makes the pair atomic too.
+    # Code generation is the costliest step on a big graph: do it once, after fusion. Every pass is atomic; the
+    # outer transaction makes the whole rewrite atomic too, companions (another method's adapter that the config
+    # asks for beside its own, under the same name: Method.companions) included.
     with transaction(gm):
         InjectAdapter(config, adapter_name, recompile=False)(gm)
-        if not FuseLowRankSiblings(adapter_names=(adapter_name,))(gm).modified:
+        for extra in PeftRegistry.for_config(config).companions(config):
+            InjectAdapter(extra, adapter_name, recompile=False)(gm)
+        if not fuse or not FuseLowRankSiblings(adapter_names=(adapter_name,))(gm).modified:
             gm.recompile()
     return gm

@@ -79,6 +79,16 @@ class AdapterModule(nn.Module):
         self.order = 0        # when its adapter joined the graph (set on insertion): names list in that order
         self.register_buffer("gate", torch.ones((), dtype=torch.bool), persistent=False)
 
+    #: names of this module's parameters that stay frozen while the adapter trains (MiCA's fixed ``B``)
+    frozen_params: frozenset[str] = frozenset()
+    #: injected beside another method's adapter of the same name, at that method's request
+    #: (:meth:`Method.companions`): files write it under the other method's config
+    companion: bool = False
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters an active adapter trains: all of them but :attr:`frozen_params`."""
+        return [p for n, p in self.named_parameters() if n not in self.frozen_params]
+
     @property
     def active(self) -> bool:
         """Whether the adapter is on (computed by the graph, or merged into the weight)."""
@@ -206,15 +216,30 @@ class Emit:
         """Read a parameter or buffer of another adapter's submodule (a mixed batch reads every adapter's)."""
         return self._node("get_attr", f"{self.paths[id(adapter)]}.{attr}", (), {}, role)
 
+    def input(self, name: str, check=None) -> fx.Node:
+        """A forward keyword the adapter reads beyond the model's inputs (a per-row task id), checked.
+
+        The graph takes it as ``gm(*args, name=...)`` (added on first use, shared by every adapter that reads
+        it, removed with the last one: :mod:`fxpeft.inputs`). ``check(value, name, batch_source)``, a
+        module-level function, runs once per call on the value (``batch_source``: the graph's first input, dim 0
+        the batch) and returns the tensor the nodes read; it raises a typed error for a missing or misshapen
+        value (default: :func:`fxpeft.inputs.require_input`).
+        """
+        from .inputs import checked_input
+
+        return checked_input(self.gm, name, self.export, check)
+
     def rows(self, x: fx.Node, width: int) -> fx.Node:
         """``x`` seen as ``[batch, rows, width]`` (mixed-batch graphs): a site's input holds each batch element's
         rows together (``[B, T, in]``, or ``[B*T, in]`` for an ``addmm`` on flattened tokens)."""
         batch = self.op(torch.ops.aten.sym_size.int, self.batch_source, 0)
         return self.op(torch.ops.aten.reshape.default, x, [batch, -1, width])  # [B, L, width]
 
-    def shared(self, attr: str, role: Role = Role.PARAM) -> fx.Node:
-        """Read a tensor of the method's state shared by every site of this adapter (see :meth:`Method.shared_state`)."""
-        return self._node("get_attr", f"{Method.shared_path(self.tag.method, self.tag.adapter)}.{attr}", (), {}, role)
+    def shared(self, attr: str, role: Role = Role.PARAM, label: str | None = None) -> fx.Node:
+        """Read a tensor of the method's state shared by every site of this adapter (see :meth:`Method.shared_state`);
+        ``label`` names the node."""
+        return self._node("get_attr", f"{Method.shared_path(self.tag.method, self.tag.adapter)}.{attr}", (), {}, role,
+                          label=label)
 
     def module(self, sub: str, *args, role: Role = Role.COMPUTE, label: str | None = None) -> fx.Node:
         """Call a submodule of this adapter's submodule (a dropout, so ``train()``/``eval()`` switches it)."""
@@ -259,7 +284,10 @@ class Emit:
 
         ``new`` and the nodes of this adapter it depends on move before the call, wherever they were built.
         """
-        users = [u for u in (self.call.weight_user, self.call.node) if u is not None]
+        # ``old`` may also be another adapter's value standing in for the weight (a method that composes with the
+        # adapters below it): only the nodes that read ``old`` take ``new``
+        users = [u for u in (self.call.weight_user, self.call.node) if u is not None and old in u.all_input_nodes]
+        users = users or [self.call.node]
         first = users[0]  # a weight's transpose comes before the call
         for node in self._own_ancestors(new):  # a topological order: each after what it reads
             first.prepend(node)
@@ -334,6 +362,32 @@ class Method:
     def check_selection(cls, config: Any, sites: list[Site]) -> None:
         """Check (or warn about) the config against the chosen sites as a whole, before any change."""
 
+    @classmethod
+    def select_sites(cls, gm: fx.GraphModule, config: Any, sites: dict[str, Site], select) -> list[Site]:
+        """The sites ``config`` adapts in ``gm``: ``select(config)`` applies PEFT's generic target rules.
+
+        A method overrides it where its targets depend on the graph (a default read off the model) or where
+        sites must go together (the call sites of one tied weight). Raise a typed error for a selection the
+        method cannot adapt; nothing has changed yet.
+        """
+        return select(config)
+
+    @classmethod
+    def companions(cls, config: Any) -> list[Any]:
+        """Configs of other methods that ``config`` asks for beside it (LoRA's ``trainable_token_indices``).
+
+        The rewrite injects them after this method's adapter, under the same adapter name and in the same
+        transaction; one file holds them all (see :meth:`companion_fields`). Default: none.
+        """
+        return []
+
+    @classmethod
+    def companion_fields(cls, adapters: dict[str, AdapterModule], sites: dict[str, Site]) -> dict[str, Any]:
+        """For a method injected as a companion: the fields of the other method's ``adapter_config.json`` that
+        ask for these adapters (the inverse of that method's :meth:`companions`)."""
+        raise AdapterFileError(f"{cls.display_name or cls.name} adapters cannot be written as another method's "
+                               "companion")
+
     # ---------------------------------------------------------------------------------------- graph
     @classmethod
     def shared_state(cls, config: Any, sites: list[Site], adapter_name: str, dtype: torch.dtype,
@@ -368,6 +422,36 @@ class Method:
     def build(cls, site: Site, config: Any, adapter_name: str, weight: torch.Tensor) -> AdapterModule:
         """Create the adapter submodule for one site (no graph change)."""
         raise NotImplementedError
+
+    @classmethod
+    def base_update(cls, adapter: AdapterModule, site: Site) -> torch.Tensor | None:
+        """The value the site's base weight takes when this adapter goes in, or None (the default: unchanged).
+
+        For inits that move part of the weight into the adapter (PiSSA, OLoRA: the base keeps the residual).
+        :meth:`build` computes it; the inject pass writes it inside its transaction, after every check, so a
+        failed rewrite leaves the weight as it was. Called once per built adapter.
+        """
+        return None
+
+    @classmethod
+    def initial_site_tensors(cls, adapter: AdapterModule, site: Site) -> dict[str, torch.Tensor] | None:
+        """The adapter's file tensors as they were initialised, where its init changed the base weight (the
+        record :meth:`convert_to_original_base` needs); None where it did not."""
+        return None
+
+    @classmethod
+    def convert_to_original_base(cls, config: dict[str, Any], tensors: dict[str, dict[str, torch.Tensor]],
+                                 initial: dict[str, dict[str, torch.Tensor]]) -> tuple[dict[str, Any],
+                                                                                      dict[str, dict[str, torch.Tensor]]]:
+        """A file (config fields, per-site tensors by key suffix) rewritten to apply to the *original* base weights,
+        given the tensors as initialised (PEFT's ``path_initial_model_for_weight_conversion``). Must not mutate its
+        arguments.
+
+        Raises:
+            AdapterFileError: the method has no such conversion (the default).
+        """
+        raise AdapterFileError(f"{cls.display_name or cls.name} adapters have no conversion to the original base "
+                               "weights; save them as they are")
 
     @classmethod
     def insert(cls, emit: Emit, site: Site, adapter: AdapterModule) -> None:

@@ -24,7 +24,13 @@ from torch import fx, nn
 
 from .tags import get_tag, graph_info
 
-__all__ = ["Call", "Site", "find_sites", "list_sites", "unreached_weights", "graph_dialect"]
+__all__ = ["Call", "Site", "find_sites", "list_sites", "unreached_weights", "graph_dialect", "CALL_KINDS", "SITE_KINDS"]
+
+#: the site kinds :func:`find_sites` finds by default: a weight applied by a linear, conv or embedding call
+CALL_KINDS = frozenset({"linear", "conv", "embedding"})
+#: every kind it can find; ``"norm"`` (a normalization module's affine weight and bias) only when asked for, by a
+#: method whose ``site_kinds`` name it, so the sites other methods see do not change
+SITE_KINDS = CALL_KINDS | {"norm"}
 
 aten = torch.ops.aten
 
@@ -50,6 +56,14 @@ _CONV_OPS = {
 }
 _EMBEDDING_OPS = {aten.embedding.default: (1, 0, 2), F.embedding: (0, 1, 2)}  # (indices, weight, padding_idx)
 _TRANSPOSES = {aten.t.default, torch.t, aten.numpy_T.default}
+# normalization op -> (input position, weight position, bias position or None)
+_NORM_OPS = {aten.layer_norm.default: (0, 2, 3), aten.native_layer_norm.default: (0, 2, 3),
+             aten.group_norm.default: (0, 2, 3), aten.rms_norm.default: (0, 2, None),
+             F.layer_norm: (0, 2, 3), F.group_norm: (0, 2, 3), F.rms_norm: (0, 2, None),
+             torch.layer_norm: (0, 2, 3), torch.group_norm: (0, 2, 3), torch.rms_norm: (0, 2, None)}
+_NORM_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+# the elementwise ops a decomposed norm (HF ``LlamaRMSNorm``: ``weight * x``) applies its weight with
+_SCALE_OPS = {aten.mul.Tensor, operator.mul, torch.mul}
 
 
 @dataclass(frozen=True)
@@ -82,10 +96,11 @@ class Site:
 
     Attributes:
         name: PEFT-style name (owning module path, or parameter path).
-        kind: ``"linear"``, ``"conv"`` or ``"embedding"``.
+        kind: ``"linear"``, ``"conv"``, ``"embedding"``, or ``"norm"`` (found only when asked for).
         weight: qualified name of the weight parameter.
         bias: qualified name of the bias parameter, or None.
-        in_features / out_features: for a conv, channels; for an embedding, ``num_embeddings`` / ``embedding_dim``.
+        in_features / out_features: for a conv, channels; for an embedding, ``num_embeddings`` / ``embedding_dim``;
+            for a norm, both the number of elements of its weight.
         fan_in_fan_out: the weight is stored ``[in, out]`` (HF ``Conv1D``, ``x @ W``); PEFT's flag of that name.
         kernel_size, stride, padding, dilation, groups: conv hyper-parameters (``padding`` may be a string).
         padding_idx: embedding padding index, or None.
@@ -115,6 +130,8 @@ class Site:
             return (self.out_features, self.in_features // self.groups, *self.kernel_size)
         if self.kind == "embedding":
             return (self.in_features, self.out_features)
+        if self.kind == "norm":
+            return (self.out_features,)
         return (self.in_features, self.out_features) if self.fan_in_fan_out else (self.out_features, self.in_features)
 
 
@@ -313,13 +330,71 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> tuple[dict, Call] | None:
     return None
 
 
-def find_sites(gm: fx.GraphModule) -> dict[str, Site]:
+def _param_node(gm: fx.GraphModule, arg) -> tuple[fx.Node, fx.Node | None] | None:
+    """``(get_attr node, the adapter node standing in for it or None)`` if ``arg`` reads a parameter."""
+    arg, reader = _see_through(arg)
+    if isinstance(arg, fx.Node) and arg.op == "get_attr" and isinstance(_attr(gm, arg.target), nn.Parameter):
+        return arg, reader
+    return None
+
+
+def _match_norm(gm: fx.GraphModule, node: fx.Node, normalizers: set[str]) -> tuple[dict, Call] | None:
+    """Recognise a normalization's affine weight: ``call_module`` on ``nn.LayerNorm/GroupNorm/RMSNorm``, a
+    ``layer_norm/group_norm/rms_norm`` op reading a parameter, or a decomposed norm: ``weight * x`` inside a module
+    (``normalizers``: the modules whose own nodes compute an ``rsqrt``) that owns that one parameter only."""
+    if node.op == "call_module":
+        mod = _attr(gm, node.target)
+        w = getattr(mod, "weight", None)
+        key = _input_key(node, 0, "input")
+        if not isinstance(mod, _NORM_MODULES) or not isinstance(w, nn.Parameter) or w.dim() != 1 or key is None:
+            return None
+        bias = f"{node.target}.bias" if isinstance(getattr(mod, "bias", None), nn.Parameter) else None
+        return (dict(name=node.target, kind="norm", weight=f"{node.target}.weight", bias=bias, in_features=w.numel(),
+                     out_features=w.numel(), module_type=type(mod).__name__), Call(node, key))
+    if node.op != "call_function":
+        return None
+    if node.target in _NORM_OPS:
+        xpos, wpos, bpos = _NORM_OPS[node.target]
+        p = _param_node(gm, _arg(node, wpos, "weight"))
+        key = _input_key(node, xpos, "input")
+        bias = _bias_target(gm, _arg(node, bpos, "bias")) if bpos is not None else None
+    elif node.target in _SCALE_OPS and len(node.args) == 2:
+        found = [(i, p) for i, a in enumerate(node.args) if (p := _param_node(gm, a)) is not None]
+        owner = _owner(node)
+        if len(found) != 1 or owner is None or owner[0] not in normalizers:
+            return None
+        (wpos, p), bias = found[0], None
+        key = 1 - wpos  # the other operand is the normalized input
+        mod = _attr(gm, owner[0])
+        own = [n for n, t in getattr(mod, "_parameters", {}).items() if t is not None]  # adapters hang below it
+        if p[0].target != f"{owner[0]}.weight" or own != ["weight"]:
+            return None
+    else:
+        return None
+    if p is None or key is None or _attr(gm, p[0].target).dim() != 1:
+        return None
+    wnode, reader = p
+    name, cls = _site_name(gm, wnode.target, node)
+    n = _attr(gm, wnode.target).numel()
+    return (dict(name=name, kind="norm", weight=wnode.target, bias=bias, in_features=n, out_features=n,
+                 module_type=cls), Call(node, key, wnode, reader or node))
+
+
+def _normalizers(gm: fx.GraphModule) -> set[str]:
+    """The modules whose own nodes compute a reciprocal square root: the owners of decomposed norms."""
+    return {o[0] for n in gm.graph.nodes if n.op == "call_function" and n.target in (aten.rsqrt.default, torch.rsqrt)
+            and get_tag(n) is None and (o := _owner(n)) is not None}
+
+
+def find_sites(gm: fx.GraphModule, kinds: frozenset[str] | set[str] = CALL_KINDS) -> dict[str, Site]:
     """Find every targetable call site of a graph, in graph order.
 
     Nodes fxpeft inserted (tagged in ``node.meta["fxpeft"]``) are never sites themselves.
 
     Args:
         gm: a graph from :func:`fxpeft.trace` (either dialect) or any ``torch.fx.GraphModule``.
+        kinds: the site kinds to find (default :data:`CALL_KINDS`); ``"norm"`` adds normalization modules
+            (a method adapting them names it in its ``site_kinds``).
 
     Returns:
         A dict from site name to :class:`Site`.
@@ -331,11 +406,14 @@ def find_sites(gm: fx.GraphModule) -> dict[str, Site]:
         ['0', '2']
     """
     sites: dict[str, Site] = {}
+    normalizers = _normalizers(gm) if "norm" in kinds else set()
     for node in gm.graph.nodes:
         if get_tag(node) is not None:
             continue
         m = _match(gm, node)
-        if m is None:
+        if m is None and "norm" in kinds:
+            m = _match_norm(gm, node, normalizers)
+        if m is None or m[0]["kind"] not in kinds:
             continue
         fields, call = m
         name = fields["name"]

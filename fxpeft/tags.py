@@ -40,7 +40,7 @@ class Role(enum.Enum):
     """
 
     PARAM = "param"            # get_attr of a method parameter or buffer (a vector, a table)
-    DOWN_WEIGHT = "down_weight"  # get_attr of a low-rank down projection (LoRA A)
+    DOWN_WEIGHT = "down_weight"  # a low-rank down projection's weight: a get_attr (LoRA A), or a slice of shared state
     UP_WEIGHT = "up_weight"      # get_attr of a low-rank up projection (LoRA B)
     SCALING = "scaling"          # get_attr of the run-time scaling buffer (0 while the adapter is off)
     BASE_WEIGHT = "base_weight"  # get_attr of the site's own weight, read by the method
@@ -97,6 +97,7 @@ class GraphInfo:
         model_type: the HF ``config.model_type``, or None.
         model_class: the traced model's class name.
         output_head: the HF output embedding's module path ("" when it has none); None for non-HF models.
+        input_embedding: the HF input embedding's module path (``get_input_embeddings``); None for non-HF models.
         is_transformers: the model is a transformers ``PreTrainedModel`` (PEFT's ``all-linear`` rule).
         dynamic_dims: ``{input: [dims]}`` traced as dynamic.
         specialized: ``{"input dim": why}`` dims fixed at trace time (a size-1 example dim, a model constraint).
@@ -105,18 +106,21 @@ class GraphInfo:
             the graph (a mixed-batch graph) is rebuilt when it changes.
         adapter_table: in a mixed-batch graph (:func:`fxpeft.mixed_batch`), the adapter name of each row index
             value (``"__base__"`` for none); None in other graphs.
+        inputs: forward keywords fxpeft added for adapters to read (:mod:`fxpeft.inputs`), in the order added.
     """
 
     dialect: str = "fx"
     model_type: str | None = None
     model_class: str | None = None
     output_head: str | None = None
+    input_embedding: str | None = None
     is_transformers: bool = False
     dynamic_dims: dict[str, list[int]] = field(default_factory=dict)
     specialized: dict[str, str] = field(default_factory=dict)
     frozen: dict[str, bool] | None = None
     generation: int = 0
     adapter_table: tuple[str, ...] | None = None
+    inputs: tuple[str, ...] = ()
 
 
 def get_tag(node: fx.Node) -> AdapterTag | None:

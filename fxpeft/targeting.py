@@ -19,7 +19,7 @@ import torch
 from torch import fx
 
 from .errors import ConfigError, TargetError
-from .sites import Site, find_sites, unreached_weights
+from .sites import CALL_KINDS, Site, find_sites, unreached_weights
 from .tags import graph_info
 from .untrusted import _compile, fullmatch
 
@@ -196,7 +196,12 @@ def select_sites(gm: fx.GraphModule, config: Any, method, sites: dict[str, Site]
         TargetError: a target entry matches no site, or nothing is left to adapt (the message lists near
             candidates and the fix).
     """
-    sites = find_sites(gm) if sites is None else sites
+    sites = find_sites(gm, CALL_KINDS | method.site_kinds) if sites is None else sites
+    return method.select_sites(gm, config, sites, lambda c: _select_by_rules(gm, c, method, sites))
+
+
+def _select_by_rules(gm: fx.GraphModule, config: Any, method, sites: dict[str, Site]) -> list[Site]:
+    """PEFT's generic target rules (what :func:`select_sites` gives a method's ``select_sites`` hook)."""
     targets = _check_spec(config.target_modules, "target_modules")
     excl = _check_spec(getattr(config, "exclude_modules", None), "exclude_modules")
     saved = saved_names(config)

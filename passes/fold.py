@@ -17,7 +17,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from fxpeft.copies import FullCopy, fold_copy, unfold_copy
 from fxpeft.errors import MergeError
 from fxpeft.registry import AdapterModule, PeftRegistry
-from fxpeft.sites import find_sites
+from fxpeft.sites import SITE_KINDS, find_sites
 
 from .merge import _fits, _own_readers, _readers_index
 from .remove import select_adapters
@@ -61,11 +61,13 @@ class FoldAdapters:
             if not mods and self.undo:
                 warnings.warn("unmerge: no adapter is merged; nothing to do")
             return PassResult(gm, False)
-        sites = find_sites(gm)
+        sites = find_sites(gm, SITE_KINDS)
         readers = _readers_index(gm)
         # full copies (modules_to_save, trained biases) set the base values a method's fold then adds to:
-        # they go in first, and come out last
-        todo = dict(sorted(todo.items(), key=lambda kv: isinstance(kv[1], FullCopy) == self.undo))
+        # they go in first, and come out last. Folds need not commute (rotations): adapters come out in the
+        # reverse of the order they go in (sorted is stable).
+        items = list(todo.items())[::-1] if self.undo else list(todo.items())
+        todo = dict(sorted(items, key=lambda kv: isinstance(kv[1], FullCopy) == self.undo))
         with torch.no_grad(), transaction(gm) as txn:
             for m in todo.values():
                 if isinstance(m, FullCopy):

@@ -11,6 +11,10 @@ own dropout of that input and runs its own thin ``x @ A.T``. Fused, the group ru
 The pass is generic: it matches node *roles* (``DOWN_WEIGHT``, ``DROPOUT``, ``DOWN``, ``SCALE``, ``UP``), so
 any method whose subgraph has that shape fuses; it never names a method.
 
+Siblings whose down weight is *one value* (the same ops on the same stored tensors: a slice of a frozen matrix
+that a method shares across its sites) need no ``cat`` or ``split``: the group runs one
+``a = linear(dropout(x), A)`` and every site's scale reads ``a``.
+
 Fusion is a view, not a format: every adapter module keeps its own parameters (the ``cat`` reads them, so
 their gradients stay per site), and saved files are unchanged. Fused siblings share one dropout mask (the
 first site's module draws it); unfused, PEFT-style, each site draws its own. A site's other readers of its
@@ -95,10 +99,23 @@ def _get(gm: fx.GraphModule, target: str):
     return obj
 
 
+def _value_key(node: fx.Node) -> object:
+    """A key equal for two nodes that compute the same value from the same stored tensors (a ``get_attr``, or ops on
+    ``get_attr`` reads and scalar constants); anything else (an activation, a module call) is keyed by the node."""
+    if node.op == "get_attr":
+        return ("get_attr", node.target)
+    if node.op == "call_function" and not node.kwargs and not any(isinstance(a, (list, tuple, dict))
+                                                                  for a in node.args):  # containers may hold nodes
+        return node.target, tuple(_value_key(a) if isinstance(a, fx.Node) else a for a in node.args)
+    return node
+
+
 def _key(gm: fx.GraphModule, c: _Chain) -> tuple:
-    a = _get(gm, c.a_attr.target)
     drop = None if c.dropout is None else (type(m := _get(gm, c.dropout.target)), getattr(m, "p", None))
     cast = None if c.cast is None else c.cast.kwargs.get("dtype")
+    if c.a_attr.op != "get_attr":  # a down weight computed in the graph: siblings fuse when it is the same value
+        return c.x, c.tag.adapter, drop, cast, "same", _value_key(c.a_attr)
+    a = _get(gm, c.a_attr.target)
     return c.x, c.tag.adapter, drop, cast, a.dtype, a.device, a.dim()
 
 
@@ -121,7 +138,50 @@ class _Builder:
         return set_tag(node, tag)
 
 
+def _own_inputs(node: fx.Node, module: str) -> list[fx.Node]:
+    """``node`` and the nodes of ``module``'s (unfused) subgraph it reads, each after what it reads."""
+    order: list[fx.Node] = []
+
+    def visit(n: fx.Node) -> None:
+        if n in order or _role(n, module) is None:
+            return
+        for a in n.all_input_nodes:
+            visit(a)
+        order.append(n)
+
+    visit(node)
+    return order
+
+
+def _share_group(gm: fx.GraphModule, group: list[_Chain], pos: dict[fx.Node, int]) -> None:
+    """Siblings whose down weight is one value (a slice of a matrix every site shares): one ``x @ A.T``, read by
+    every site's scale; no ``cat``/``split``. The lead keeps its weight nodes; the others' go."""
+    build = _Builder(gm, group[0].tag, tuple(c.tag.module for c in group), group[0].down)
+    first = min((c.cast or c.dropout or c.down for c in group), key=pos.__getitem__)
+    lead = group[0]
+    for n in _own_inputs(lead.a_attr, lead.tag.module):  # the weight is computed before the first reader of x
+        first.prepend(n)
+    with gm.graph.inserting_before(first):
+        h = lead.x
+        if lead.cast is not None:
+            h = build.node("call_function", aten._to_copy.default, (h,), Role.CAST, **lead.cast.kwargs)
+        if lead.dropout is not None:
+            h = build.node("call_module", lead.dropout.target, (h,), Role.DROPOUT)
+        a = build.node("call_function", aten.linear.default, (h, lead.a_attr), Role.DOWN)  # [..., r]
+    for c in group:
+        c.scale.replace_input_with(c.down, a)
+        if c.dropout is not None:  # the site's other readers of its dropped-out input read the shared one
+            c.dropout.replace_all_uses_with(h)
+        weight = [] if c is lead else _own_inputs(c.a_attr, c.tag.module)
+        for n in [c.down, c.dropout, c.cast, *reversed(weight)]:
+            if n is not None and not n.users:
+                gm.graph.erase_node(n)
+
+
 def _fuse_group(gm: fx.GraphModule, group: list[_Chain], pos: dict[fx.Node, int]) -> None:
+    if group[0].a_attr.op != "get_attr":
+        _share_group(gm, group, pos)
+        return
     build = _Builder(gm, group[0].tag, tuple(c.tag.module for c in group), group[0].down)
     ranks = [_get(gm, c.a_attr.target).shape[0] for c in group]
     # The first node of the group that reads x: x is defined by then, and no site has used its A yet.
@@ -221,6 +281,50 @@ def _unfuse_group(gm: fx.GraphModule, cat: fx.Node) -> None:
         gm.graph.erase_node(n)
 
 
+def _unshare_group(gm: fx.GraphModule, down: fx.Node) -> None:
+    """Undo :func:`_share_group`: each site gets its own cast, dropout and ``x @ A.T`` again, and a site other than
+    the lead its own copy of the weight nodes (tagged as its own)."""
+    h, weight = down.args
+    lead = get_tag(down).module
+    dropout = h if get_tag(h) is not None and get_tag(h).role is Role.DROPOUT else None
+    h = dropout.args[0] if dropout is not None else h
+    cast = h if get_tag(h) is not None and get_tag(h).role is Role.CAST else None
+    x = cast.args[0] if cast is not None else h
+    lead_nodes = _own_inputs(weight, lead)
+    for user in list(down.users):
+        tag = get_tag(user)
+        build = _Builder(gm, tag, (), user)
+        with gm.graph.inserting_before(user):
+            h = x
+            if cast is not None:
+                h = build.node("call_function", aten._to_copy.default, (h,), Role.CAST, own=tag, **cast.kwargs)
+            if dropout is not None:
+                h = build.node("call_module", f"{tag.module}.dropout", (h,), Role.DROPOUT, own=tag)
+                for u in list(dropout.users):  # the site's other readers of the dropped-out input
+                    if _role(u, tag.module) is not None:
+                        u.replace_input_with(dropout, h)
+            w = weight if tag.module == lead else _copy_nodes(gm, lead_nodes, get_tag(weight).site, tag)[weight]
+            a = build.node("call_function", aten.linear.default, (h, w), Role.DOWN, own=tag)
+        user.replace_input_with(down, a)
+    for n in (down, dropout, cast):
+        if n is not None and not n.users:
+            gm.graph.erase_node(n)
+
+
+def _copy_nodes(gm: fx.GraphModule, nodes: list[fx.Node], site: str, tag: AdapterTag) -> dict[fx.Node, fx.Node]:
+    """Copies of ``nodes`` (in order; each reads the copies of the earlier ones) tagged and named as ``tag``'s."""
+    old, new = site.replace(".", "_").replace(":", "_"), tag.site.replace(".", "_").replace(":", "_")
+    env: dict[fx.Node, fx.Node] = {}
+    for n in nodes:
+        name = new + n.name[len(old):] if n.name.startswith(old) else f"{new}_{n.name}"
+        copy = gm.graph.create_node(n.op, n.target, fx.map_arg(n.args, lambda a: env.get(a, a)),
+                                    fx.map_arg(n.kwargs, lambda a: env.get(a, a)), name=name)
+        copy.meta = dict(n.meta)
+        set_tag(copy, tag.with_role(get_tag(n).role))
+        env[n] = copy
+    return env
+
+
 @dataclass(frozen=True)
 class UnfuseLowRankSiblings:
     """Undo :class:`FuseLowRankSiblings`: give every site of a fused group its own chain again.
@@ -231,10 +335,14 @@ class UnfuseLowRankSiblings:
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         leads = [n for n in gm.graph.nodes if (t := get_tag(n)) is not None and t.fused and t.role is Role.DOWN_CAT]
-        if leads:
+        shared = [n for n in gm.graph.nodes if (t := get_tag(n)) is not None and t.fused and t.role is Role.DOWN
+                  and getattr(get_tag(n.args[1]), "role", None) is not Role.DOWN_CAT]
+        if leads or shared:
             with transaction(gm):
                 for cat in leads:
                     _unfuse_group(gm, cat)
+                for down in shared:
+                    _unshare_group(gm, down)
                 gm.graph.lint()
                 gm.recompile()
-        return PassResult(gm, bool(leads))
+        return PassResult(gm, bool(leads or shared))

@@ -19,7 +19,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from fxpeft.copies import FullCopy, build_copies, insert_copies, plan_copies
 from fxpeft.errors import AdapterExistsError, ConfigError, UnsupportedSiteError
 from fxpeft.registry import AdapterModule, Emit, Method, PeftRegistry
-from fxpeft.sites import Site, find_sites
+from fxpeft.sites import CALL_KINDS, Site, find_sites
 from fxpeft.tags import AdapterTag, Role, get_tag, graph_info, set_graph_info
 from fxpeft.targeting import select_sites
 
@@ -65,7 +65,7 @@ def freeze_base(gm: torch.nn.Module) -> None:
     shared = {id(p) for m in adapters if (s := getattr(gm, Method.shared_path(m.method, m.adapter_name), None))
               is not None for p in s.parameters()}
     own = {id(p) for m in adapters for p in m.parameters()}
-    trainable = {id(p) for m in adapters if m.enabled for p in m.parameters()}
+    trainable = {id(p) for m in adapters if m.enabled for p in m.trainable_parameters()}
     info = graph_info(gm)
     if info.frozen is None:
         info.frozen = {n: p.requires_grad for n, p in gm.named_parameters() if id(p) not in own | shared}
@@ -141,7 +141,7 @@ class InjectAdapter:
         # defaults filled in must not leak into the caller's object
         config = method.fill_defaults(copy.copy(self.config), info.model_type)
         method.validate_config(config)
-        sites = find_sites(gm)
+        sites = find_sites(gm, CALL_KINDS | method.site_kinds)
         chosen = select_sites(gm, config, method, sites)
         bad = [(s.name, why) for s in chosen if (why := method.check_site(s, config))]
         if bad:
@@ -162,8 +162,12 @@ class InjectAdapter:
                 m.set_active(False)
         first = gm.get_parameter(chosen[0].weight)
         shared = method.shared_state(config, chosen, name, first.dtype, first.device)
+        # inits that leave the base a residual (PiSSA): computed in build, written inside the transaction
+        updates = {s.weight: u for s in chosen if (u := method.base_update(adapters[s.name], s)) is not None}
 
-        with transaction(gm):  # ---- validated: mutate from here on, all or nothing ----
+        with transaction(gm) as txn:  # ---- validated: mutate from here on, all or nothing ----
+            for weight, value in updates.items():
+                txn.replace_data(gm.get_parameter(weight), value)
             if shared is not None:
                 gm.add_submodule(Method.shared_path(method.name, name), shared)
             for s in chosen:

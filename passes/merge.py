@@ -132,26 +132,25 @@ class MergeAdapters:
                 raise MergeError(f"adapter {path!r} sits on {m.site_name!r}, which is no longer a call site of this "
                                  "graph; was the graph edited by hand?")
             plan.setdefault(m.site_name, []).append(m)
-        with torch.no_grad():
+        with torch.no_grad(), transaction(gm) as txn:
+            write_copies(gm, copies, txn)  # first: a bias a method folds into is the trained copy's
             folded = {}
-            for name, group in plan.items():  # nothing is written unless every merge is finite
+            for name, group in plan.items():  # nothing stays written unless every merge is finite
                 weight, bias, w, b = _folded(gm, sites[name], group)
                 if not (_fits(w, weight.dtype) and (b is None or _fits(b, weight.dtype))):
                     raise MergeError(f"merging {[m.adapter_name for m in group]} into {sites[name].weight!r} gives "
                                      "non-finite values (NaN/inf); the adapter weights have diverged. Nothing was "
                                      "merged; check the training (learning rate, loss scaling) or reload a good adapter.")
-                # kept in the weight's dtype: the same memory the write below swaps in (the old data stays
-                # referenced until the transaction commits either way), and each fold is computed once
+                # each fold computed once, kept in the weight's dtype: the memory the write swaps in anyway (the
+                # old data stays referenced until the transaction commits)
                 folded[name] = (weight, bias, w.to(weight.dtype),
                                 None if b is None else b.to((bias if bias is not None else weight).dtype))
                 del w, b
-            with transaction(gm) as txn:
-                write_copies(gm, copies, txn)  # first: a bias a method folds into is the trained copy's
-                _write(gm, sites, folded, txn)
-                detach_adapters(gm, mods)
-                restore_base_flags(gm)
-                gm.graph.lint()
-                gm.recompile()
+            _write(gm, sites, folded, txn)
+            detach_adapters(gm, mods)
+            restore_base_flags(gm)
+            gm.graph.lint()
+            gm.recompile()
         return PassResult(gm, True)
 
 

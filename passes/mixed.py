@@ -17,13 +17,13 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
-from torch.utils import _pytree as pytree
 
 from fxpeft.copies import FullCopy
 from fxpeft.errors import InputShapeError, MergeError, UnsupportedSiteError
+from fxpeft.inputs import add_input
 from fxpeft.registry import AdapterModule, Emit, PeftRegistry
 from fxpeft.serialize import FxPeftGraphModule
-from fxpeft.sites import Call, Site, find_sites
+from fxpeft.sites import SITE_KINDS, Call, Site, find_sites
 from fxpeft.tags import AdapterTag, Role, graph_info, set_graph_info
 
 from .inject import adapter_modules, ordered_names
@@ -48,22 +48,6 @@ def check_row_index(index: torch.Tensor | None, batch_source: torch.Tensor, slot
         raise InputShapeError(f"{INDEX_INPUT} has {n} entries but the batch has {batch} rows; give one per row")
     torch._check(n == batch)  # under torch.export / compile: the index and the batch share their size
     return index.long()
-
-
-def _adapter_input(graph: fx.Graph, export: bool) -> fx.Node:
-    """Add the row-index input after the others (a keyword of the export calling convention)."""
-    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    with graph.inserting_after(last):  # (export codegen writes defaults itself, below)
-        node = graph.placeholder(INDEX_INPUT) if export else graph.placeholder(INDEX_INPUT, default_value=None)
-    if export:
-        info = graph._codegen.pytree_info
-        args, kwargs = pytree.tree_unflatten(list(range(info.in_spec.num_leaves)), info.in_spec)
-        _, spec = pytree.tree_flatten((args, {**kwargs, INDEX_INPUT: 0}))  # the new leaf comes last
-        graph._codegen.pytree_info = info._replace(orig_args=[*info.orig_args, INDEX_INPUT], in_spec=spec)
-        defaults = getattr(graph._codegen, "defaults", None)
-        if defaults is not None:  # trailing arguments with defaults: this one needs one too
-            graph._codegen.defaults = {**defaults, INDEX_INPUT: None}
-    return node
 
 
 def _copy_graph(graph: fx.Graph) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
@@ -126,11 +110,11 @@ class MixedBatch:
             if len(_methods(slots)) > 1:
                 raise UnsupportedSiteError(f"site {name!r} holds adapters of several methods; a mixed batch "
                                            "needs one method per site")
-        sites = {n: s for n, s in find_sites(gm).items() if n in per_site}
+        sites = {n: s for n, s in find_sites(gm, SITE_KINDS).items() if n in per_site}
         graph, val_map = _copy_graph(gm.graph)
         erase_adapter_nodes(graph, adapter_modules(gm).keys())
         export = info.dialect == "export"
-        index = _adapter_input(graph, export)
+        index = add_input(graph, INDEX_INPUT, export)  # the row index: a keyword after the model's inputs
         # shares gm's parameters and modules (by reference): training the mixed graph trains gm's adapters
         mixed = FxPeftGraphModule(gm, graph, class_name=f"{type(gm).__name__}Mixed")
         paths = {}

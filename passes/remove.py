@@ -10,6 +10,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from fxpeft.errors import ConfigError
+from fxpeft.inputs import drop_unused_inputs
 from fxpeft.registry import AdapterModule, Method
 from fxpeft.tags import AdapterTag, Role, get_tag, graph_info, set_graph_info
 
@@ -68,6 +69,7 @@ def detach_adapters(gm: fx.GraphModule, mods: dict[str, AdapterModule]) -> None:
     """Reconnect every user of these adapters' ``OUT`` nodes to the base value, erase their nodes, delete their
     modules (and the methods' shared state once no site of that adapter is left)."""
     erase_adapter_nodes(gm.graph, mods.keys())
+    drop_unused_inputs(gm)  # a forward keyword only these adapters read (fxpeft.inputs) goes with them
     for path in mods:
         gm.delete_submodule(path)
     left = {(m.method, m.adapter_name) for m in adapter_modules(gm).values()}

@@ -37,6 +37,7 @@ class Transaction:
         meta = getattr(gm, "meta", None)
         self.info = copy.copy(meta.get(INFO_KEY)) if isinstance(meta, dict) else None
         self.code = gm.code if hasattr(gm, "_code") else None
+        self.codegen = gm.graph._codegen  # passes that change the calling convention give the graph a new one
         self.written: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.undo: list = []
 
@@ -93,6 +94,7 @@ class Transaction:
             p.requires_grad_(flag)
         if self.info is not None:
             self.gm.meta[INFO_KEY] = self.info
+        graph._codegen = self.codegen
         if self.code is not None and self.gm.code != self.code:
             self.gm.recompile()
 

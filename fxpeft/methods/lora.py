@@ -35,10 +35,26 @@ PEFT's file layout (keys under ``base_model.model.<site>.``)::
     lora_B.bias         [out]            (lora_bias=True: ``B(a·s) + b·s`` in the graph; linear and conv sites)
 
 ``bias="all"``/``"lora_only"`` train copies of base biases (:mod:`fxpeft.copies`, generic to every method).
+
+Initialisations (``init_lora_weights``), PEFT's maths on linear sites (``W`` is ``[out, in]``, fp32)::
+
+    True / "gaussian"   A kaiming-uniform / normal(std 1/r), B = 0
+    False               A and B random (the adapter changes the outputs from the start)
+    "orthogonal"        A, B from one random orthogonal r x r matrix (its odd / even rows), scaled 1/10; even r
+    "pissa"             W = U S Vᵀ: B = U_r·sqrt(S_r/s), A = sqrt(S_r/s)·V_rᵀ, base W_res = W - s·B·A
+    "pissa_niter_<k>"   the same from torch.svd_lowrank (k subspace iterations, random)
+    "olora"             W = Q R: B = Q_r, A = R_r, base W_res = W - s·B·A
+    "mica"              B = the r left singular vectors of the *smallest* singular values (frozen), A = 0
+
+PiSSA and OLoRA replace the base weight by the residual (:meth:`Method.base_update`): the outputs are unchanged at
+init, and the adapter keeps its initial factors (``A0``, ``B0``) so that ``save_adapter(...,
+convert_to_original_base=True)`` writes the plain rank-``2r`` LoRA ``[B, -B0]·[A; A0]`` that applies to the original
+base, as PEFT's ``path_initial_model_for_weight_conversion`` does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections import Counter
@@ -50,7 +66,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxpeft.errors import AdapterFileError, ConfigError, UnsupportedSiteError
-from fxpeft.registry import AdapterModule, Emit, Method, PeftConfigBase, PeftRegistry, config_from_fields
+from fxpeft.registry import AdapterModule, Emit, Method, PeftConfigBase, PeftRegistry, config_from_fields, is_unset
 from fxpeft.sites import Site
 from fxpeft.tags import Role
 from fxpeft.untrusted import compile_pattern, pattern_key_match
@@ -75,8 +91,10 @@ class LoraConfig(PeftConfigBase):
             must full-match, or ``"all-linear"``.
         exclude_modules: same forms as ``target_modules``; matching sites are skipped.
         use_rslora: rank-stabilised scaling ``lora_alpha / sqrt(r)``.
-        init_lora_weights: True (kaiming A, zero B), ``"gaussian"`` (normal A with std ``1/r``, zero B), or False
-            (both random: the adapter changes the outputs from the start).
+        init_lora_weights: True (kaiming A, zero B), ``"gaussian"`` (normal A with std ``1/r``, zero B), False
+            (both random: the adapter changes the outputs from the start), ``"orthogonal"``, ``"pissa"``,
+            ``"pissa_niter_<k>"``, ``"olora"`` (these two leave the base weight the residual) or ``"mica"`` (B
+            frozen); the module docstring gives each one's maths.
         rank_pattern: ``{pattern: r}`` overrides per site (PEFT's matching: ``(.*\\.)?pattern$``).
         alpha_pattern: ``{pattern: alpha}`` overrides per site.
         fan_in_fan_out: accepted for PEFT compatibility; fxpeft reads the weight layout off the graph.
@@ -86,6 +104,8 @@ class LoraConfig(PeftConfigBase):
             the site's bias, giving a site without one a new bias (PEFT cannot merge it there).
         use_dora: DoRA: a trained magnitude per output rescales the adapted weight (``lora.py``'s docstring).
         keep_base_dtype: keep A and B in a bf16/fp16 base's dtype instead of fp32 (PEFT's default is fp32).
+        trainable_token_indices: token ids whose embedding rows train beside LoRA: a list (the input embedding) or
+            ``{module: [ids]}`` (:mod:`fxpeft.methods.trainable_tokens`, injected under the same adapter name).
 
     Example:
         >>> from fxpeft import LoraConfig
@@ -104,6 +124,7 @@ class LoraConfig(PeftConfigBase):
     bias: str = "none"
     use_dora: bool = False
     lora_bias: bool = False
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
 
 class LoraDropout(nn.Dropout):
@@ -333,9 +354,114 @@ class LoraAdapter(AdapterModule):
 
 _KEYS = {"linear": ("lora_A.weight", "lora_B.weight"), "conv": ("lora_A.weight", "lora_B.weight"),
          "embedding": ("lora_embedding_A", "lora_embedding_B")}
-# init_lora_weights values that rewrite the *base* weights at initialisation (the adapter only makes sense on
-# the residual base they produce), or that train a different set of parameters (MiCA freezes B).
-_REFUSED_INITS = ("pissa", "olora", "corda", "loftq", "mica")
+_CONVERT = ("rewrites the base weights; convert the trained adapter with PEFT (save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...)) and load that plain LoRA")
+#: PEFT inits fxpeft does not compute (they need calibration data, a quantiser or gradients), and what to do instead
+_REFUSED_INITS = {"corda": "CorDA needs calibration activations and " + _CONVERT,
+                  "loftq": "LoftQ needs a quantiser and " + _CONVERT,
+                  "lora_ga": "LoRA-GA needs gradients and " + _CONVERT,
+                  "eva": ("EVA needs activations (peft.initialize_lora_eva_weights); a trained EVA adapter is plain LoRA: "
+                          "its file loads with init_lora_weights set to true and eva_config to null")}
+#: PEFT LoraConfig fields of LoRA variants fxpeft does not implement: each changes what the adapter computes, so a
+#: file or config that sets one is refused rather than loaded as plain LoRA. Fields a later fxpeft LoraConfig gains
+#: become its own and are no longer refused here.
+_VARIANT_FIELDS = {"megatron_config": "Megatron-LM tensor-parallel LoRA layers", "loftq_config": "LoftQ",
+                  "eva_config": "EVA", "corda_config": "CorDA", "lora_ga_config": "LoRA-GA", "velora_config": "VeLoRA",
+                  "alora_invocation_tokens": "aLoRA", "use_qalora": "QALoRA", "monteclora_config": "MonteCLoRA",
+                  "layer_replication": "layer replication", "target_parameters": "LoRA on nn.Parameter",
+                  "use_bdlora": "BD-LoRA", "arrow_config": "Arrow routing", "kasa_config": "KaSA",
+                  "ensure_weight_tying": "tied adapters on tied layers"}
+
+
+_MAX_NITER = 100
+
+
+def _init_kind(init: bool | str) -> str:
+    """``"pissa_niter_4"`` -> ``"pissa"``; True/False/"gaussian" -> ``"plain"``."""
+    if not isinstance(init, str) or init == "gaussian":
+        return "plain"
+    return "pissa" if init.startswith("pissa") else init
+
+
+def _valid_init(init: Any) -> bool:
+    if isinstance(init, bool):
+        return True
+    if not isinstance(init, str):
+        return False
+    if init.startswith("pissa_niter_"):
+        k = init[len("pissa_niter_"):]  # bounded: the value may come from an untrusted file, each iteration costs
+        return k.isdigit() and k.isascii() and int(k) <= _MAX_NITER
+    return init in ("gaussian", "orthogonal", "pissa", "olora", "mica")
+
+
+def _file_init(init: bool | str) -> bool | str:
+    """The ``init_lora_weights`` a file records: the inits PEFT must re-run on load (they rewrite the base weight,
+    or freeze B) as they are; the others as True (the file's weights replace what they drew)."""
+    return init if _init_kind(init) in ("pissa", "olora", "mica") else True
+
+
+def _as_matrix(weight: torch.Tensor, site: Site) -> torch.Tensor:
+    """The weight as fp32 ``[out, in]`` (an embedding's ``[num, dim]`` as ``[dim, num]``), as PEFT's inits see it."""
+    w = weight.detach().to(torch.float32)
+    return w.T if site.kind == "embedding" or site.fan_in_fan_out else w
+
+
+def _orthogonal_factors(r: int, site: Site) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's orthogonal init, from the default CPU generator."""
+    q, _ = torch.linalg.qr(torch.randn(r, r))
+    A = torch.randn(site.in_features, r // 2).mm(q[0::2, :]).T / 10.0  # [in, r/2] @ [r/2, r] -> [r, in]
+    B = torch.randn(r // 2, site.out_features).T.mm(q[1::2, :]) / 10.0  # [out, r/2] @ [r/2, r] -> [out, r]
+    return A, B
+
+
+def _svd_factors(w: torch.Tensor, r: int, scaling: float, init: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """PiSSA: the top-``r`` singular triplets of ``w [out, in]``, split as ``B = U·sqrt(S/s)``, ``A = sqrt(S/s)·Vᵀ``
+    (so ``s·B·A`` is the rank-``r`` principal part); OLoRA: ``w = QR``, ``B = Q_r``, ``A = R_r``."""
+    if init == "olora":
+        q, rr = torch.linalg.qr(w)
+        return rr[:r].contiguous(), q[:, :r].contiguous()
+    if init == "pissa":
+        u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+        u, sv, vh = u[:, :r], sv[:r], vh[:r]
+    else:  # randomised: k subspace iterations
+        u, sv, v = torch.svd_lowrank(w, r, niter=int(init.split("_niter_")[-1]))
+        vh = v.T
+    root = torch.sqrt(sv / scaling)
+    return torch.diag(root) @ vh, u @ torch.diag(root)  # A [r, in], B [out, r]
+
+
+def _special_init(adapter: LoraAdapter, site: Site, init: str, weight: torch.Tensor) -> None:
+    """Orthogonal, PiSSA, OLoRA or MiCA factors (and, for PiSSA/OLoRA, the residual base weight, kept for
+    :meth:`Lora.base_update` with the initial factors), computed in fp32 as PEFT computes them."""
+    kind, dtype = _init_kind(init), weight.dtype
+    if kind != "orthogonal" and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise UnsupportedSiteError(f"site {adapter.site_name!r}: init_lora_weights={init!r} needs a float32, float16 or "
+                                   f"bfloat16 base weight (as in PEFT), not {dtype}; initialise in one of those")
+    with torch.no_grad():
+        # PEFT's lora_A / lora_B constructors draw first: the same draws keep one torch.manual_seed giving PEFT's
+        # random factors (orthogonal, pissa_niter_<k>), here and at every later site
+        draw = torch.randn if site.kind == "embedding" else (lambda *shape: torch.empty(*shape).uniform_())
+        draw(adapter.r, site.in_features), draw(site.out_features, adapter.r)
+        if kind == "orthogonal":
+            A, B = _orthogonal_factors(adapter.r, site)
+        elif kind == "mica":  # B: the left singular vectors of the r smallest singular values; A = 0
+            w = _as_matrix(weight, site)
+            B = torch.linalg.svd(w, full_matrices=False)[0][:, -adapter.r:]
+            A = torch.zeros(adapter.r, w.shape[1], device=w.device)
+        else:
+            w = _as_matrix(weight, site)
+            A, B = _svd_factors(w, adapter.r, adapter.scaling, init)
+            residual = w - (adapter.scaling * B) @ A  # PEFT's order of operations; fp32 factors, unrounded
+            residual = residual.T if site.fan_in_fan_out else residual
+            adapter.pending_base = residual.to(dtype).contiguous()
+        # PEFT moves the factors to the base weight's dtype before autocasting them up: the same rounding
+        adapter.A.copy_(A.to(device=adapter.A.device, dtype=dtype))
+        adapter.B.copy_(B.to(device=adapter.B.device, dtype=dtype))
+    if kind in ("pissa", "olora"):  # W = W_res + s·B0·A0: what a conversion to the original base subtracts
+        adapter.register_buffer("A0", adapter.A.detach().clone(), persistent=False)
+        adapter.register_buffer("B0", adapter.B.detach().clone(), persistent=False)
+    if kind == "mica":
+        adapter.frozen_params = frozenset({"B"})
 
 
 def _positive_int(v: Any) -> bool:
@@ -371,10 +497,16 @@ class Lora(Method):
             raise ConfigError(f"lora_dropout must be a number in [0, 1), got {config.lora_dropout!r}")
         if not isinstance(config.use_rslora, bool):
             raise ConfigError(f"use_rslora must be True or False, got {config.use_rslora!r}")
-        if config.init_lora_weights not in (True, False, "gaussian") or config.init_lora_weights in (0, 1) and \
-                not isinstance(config.init_lora_weights, bool):
-            raise ConfigError(
-                f"init_lora_weights={config.init_lora_weights!r} is not supported; use True, False or 'gaussian'")
+        init = config.init_lora_weights
+        if not _valid_init(init):
+            hint = f" ({_REFUSED_INITS[init]})" if isinstance(init, str) and init in _REFUSED_INITS else ""
+            raise ConfigError(f"init_lora_weights={init!r} is not supported{hint}; use True, False, 'gaussian', "
+                              f"'orthogonal', 'pissa', 'pissa_niter_<k>' (k <= {_MAX_NITER}), 'olora' or 'mica'")
+        if init == "orthogonal" and any(v % 2 for v in (config.r, *config.rank_pattern.values())):
+            raise ConfigError(f"init_lora_weights='orthogonal' needs even ranks (as in PEFT), got r={config.r} and "
+                              f"rank_pattern={config.rank_pattern}; use an even r")
+        if config.use_dora is True and _init_kind(init) in ("pissa", "olora", "mica"):
+            raise ConfigError(f"use_dora=True with init_lora_weights={init!r} is not supported; use one of them")
         if config.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias={config.bias!r} is not supported; use 'none', 'all' or 'lora_only'")
         if not isinstance(config.lora_bias, bool):
@@ -384,6 +516,15 @@ class Lora(Method):
                               f"PEFT), not with use_dora={config.use_dora!r}, init_lora_weights={config.init_lora_weights!r}")
         if not isinstance(config.use_dora, bool):
             raise ConfigError(f"use_dora must be True or False, got {config.use_dora!r}")
+        from .trainable_tokens import check_trainable_token_indices
+
+        check_trainable_token_indices(config.trainable_token_indices)
+
+    @classmethod
+    def companions(cls, config: LoraConfig) -> list[Any]:
+        from .trainable_tokens import token_companions  # trainable tokens beside LoRA, under its adapter name
+
+        return token_companions(config.trainable_token_indices, config.keep_base_dtype)
 
     @classmethod
     def check_site(cls, site: Site, config: LoraConfig) -> str | None:
@@ -391,18 +532,48 @@ class Lora(Method):
             return f"grouped convolution (groups={site.groups}) is not supported by LoRA"
         if site.kind == "embedding" and getattr(config, "lora_bias", False):
             return "lora_bias=True is not supported on an embedding (as in PEFT)"
-        return super().check_site(site, config)
+        why = cls._check_init_site(site, config)
+        return why or super().check_site(site, config)
+
+    @classmethod
+    def _check_init_site(cls, site: Site, config: LoraConfig) -> str | None:
+        """Why ``config.init_lora_weights`` cannot initialise ``site`` (where PEFT raises, or silently differs)."""
+        init = config.init_lora_weights
+        kind = _init_kind(init)
+        if kind == "plain":
+            return None
+        if site.kind == "conv" or (site.kind == "embedding" and kind != "mica"):
+            return f"init_lora_weights={init!r} initialises linear layers only (PEFT raises on this {site.kind})"
+        if kind == "olora" and site.fan_in_fan_out:
+            return ("init_lora_weights='olora' on a weight stored [in, out] (GPT-2 Conv1D): PEFT's QR reads the weight "
+                    "as stored and builds factors of the wrong shape")
+        r, _ = cls._rank_alpha(config, site)
+        if kind != "orthogonal" and r > min(site.in_features, site.out_features):
+            return (f"init_lora_weights={init!r} with rank {r} above the weight's rank bound "
+                    f"min({site.in_features}, {site.out_features}) (PEFT silently uses a smaller rank); lower r or "
+                    "rank_pattern for this site")
+        return None
 
     @classmethod
     def check_selection(cls, config: LoraConfig, sites: list[Site]) -> None:
         warn_unused_patterns(config, sites)
+        if _init_kind(config.init_lora_weights) in ("pissa", "olora"):
+            shared = [w for w, n in Counter(s.weight for s in sites).items() if n > 1]
+            if shared:
+                raise ConfigError(f"init_lora_weights={config.init_lora_weights!r} replaces each site's weight by a "
+                                  f"residual, and sites share the weight {shared[0]!r} (tied); exclude all but one")
 
     @classmethod
     def build(cls, site: Site, config: LoraConfig, adapter_name: str, weight: torch.Tensor) -> LoraAdapter:
         r, alpha = cls._rank_alpha(config, site)
         adapter = LoraAdapter(site, adapter_name, r, alpha, config.use_rslora, config.lora_dropout,
                               adapter_dtype(weight, config.keep_base_dtype), weight.device, use_dora=config.use_dora)
-        adapter.reset_parameters(config.init_lora_weights)
+        init = config.init_lora_weights
+        if _init_kind(init) == "plain":
+            adapter.reset_parameters(init)
+        else:
+            _special_init(adapter, site, init, weight)
+        adapter.file_init = _file_init(init)
         if config.lora_bias:
             _add_lora_bias(adapter, site, config.init_lora_weights)
         if config.use_dora:
@@ -515,6 +686,40 @@ class Lora(Method):
         return out
 
     @classmethod
+    def base_update(cls, adapter: LoraAdapter, site: Site) -> torch.Tensor | None:
+        return adapter.__dict__.pop("pending_base", None)  # once: the adapter keeps no copy of the weight
+
+    @classmethod
+    def initial_site_tensors(cls, adapter: LoraAdapter, site: Site) -> dict[str, torch.Tensor] | None:
+        if not hasattr(adapter, "A0"):
+            return None
+        a, b = _KEYS[site.kind]
+        return {a: adapter.A0, b: adapter.B0}
+
+    @classmethod
+    def convert_to_original_base(cls, config: dict[str, Any], tensors: dict[str, dict[str, torch.Tensor]],
+                                 initial: dict[str, dict[str, torch.Tensor]]):
+        """PEFT's conversion: ``W + s·(B·A - B0·A0) = W + s·[B, -B0]·[A; A0]``, a rank-``2r`` LoRA at the same
+        scaling (``lora_alpha`` doubled, or times sqrt(2) under rsLoRA), ``init_lora_weights=True``."""
+        if config.get("use_dora"):
+            raise AdapterFileError("a DoRA adapter has no conversion to the original base (its magnitude is not "
+                                   "additive); save it as it is")
+        out = {}
+        for site, per in tensors.items():
+            a, b = ("lora_embedding_A", "lora_embedding_B") if "lora_embedding_A" in per else _KEYS["linear"]
+            init = initial.get(site, {})
+            if a not in init or b not in init:
+                raise AdapterFileError(f"the initial adapter has no {a}/{b} for site {site!r}; it must be the adapter "
+                                       "as initialised, on the same sites")
+            out[site] = {**per, a: torch.cat([per[a], init[a].to(per[a].dtype)], 0),  # [2r, in]
+                         b: torch.cat([per[b], -init[b].to(per[b].dtype)], 1)}  # [out, 2r]
+        grow = math.sqrt(2) if config.get("use_rslora") else 2
+        config = {**config, "init_lora_weights": True, "r": 2 * config["r"], "lora_alpha": config["lora_alpha"] * grow,
+                  "rank_pattern": {k: 2 * v for k, v in (config.get("rank_pattern") or {}).items()},
+                  "alpha_pattern": {k: v * grow for k, v in (config.get("alpha_pattern") or {}).items()}}
+        return config, out
+
+    @classmethod
     def fold(cls, adapter: LoraAdapter, site: Site, weight: torch.Tensor, bias: torch.Tensor | None):
         if adapter.use_dora:
             return adapter.dora_fold(site, weight), bias
@@ -611,6 +816,12 @@ class Lora(Method):
     @classmethod
     def load_site_tensors(cls, adapter: LoraAdapter, site: Site, tensors: dict[str, torch.Tensor]) -> None:
         a, b = _KEYS[site.kind]
+        init = getattr(adapter, "file_init", True)
+        if isinstance(init, str) and init.startswith("pissa_niter_"):
+            warnings.warn(f"{site.name}: the file's init_lora_weights={init!r} re-ran on load (as in PEFT) with a "
+                          "randomised SVD, so the base residual differs from the one the adapter was trained on; "
+                          "load a converted file instead (save_adapter(..., convert_to_original_base=True), or PEFT's "
+                          "path_initial_model_for_weight_conversion)")
         with torch.no_grad():
             adapter.A.copy_(tensors[a].reshape(adapter.A.shape))
             adapter.B.copy_(tensors[b].reshape(adapter.B.shape))
@@ -638,6 +849,13 @@ class Lora(Method):
         if config.use_dora != adapter.use_dora:
             raise AdapterFileError(f"{site.name}: the file has use_dora={config.use_dora}, the adapter "
                                    f"use_dora={adapter.use_dora}; a hot-swap keeps the variant: use load_adapter")
+        file_init, own_init = _file_init(config.init_lora_weights), getattr(adapter, "file_init", True)
+        residual = {_init_kind(file_init), _init_kind(own_init)} & {"pissa", "olora"}
+        if file_init != own_init or residual and (str(file_init).startswith("pissa_niter_") or
+                                                  (r, alpha) != (adapter.r, adapter.lora_alpha)):
+            raise AdapterFileError(f"{site.name}: the file has init_lora_weights={file_init!r}, the adapter "
+                                   f"{own_init!r} (r={adapter.r}, alpha={adapter.lora_alpha}); a hot-swap keeps the base "
+                                   "weight, which PiSSA/OLoRA make a residual of their own: use load_adapter")
         if (_BIAS_KEY in tensors) != hasattr(adapter, "B_bias"):
             raise AdapterFileError(f"{site.name}: the file has lora_bias={_BIAS_KEY in tensors}, the adapter not; a "
                                    "hot-swap keeps the variant: use load_adapter")
@@ -659,11 +877,12 @@ class Lora(Method):
     @classmethod
     def site_settings(cls, config: LoraConfig, site: Site) -> dict[str, Any]:
         r, alpha = cls._rank_alpha(config, site)
-        return {"r": r, "alpha": alpha, "use_dora": config.use_dora}
+        return {"r": r, "alpha": alpha, "use_dora": config.use_dora, "init": _file_init(config.init_lora_weights)}
 
     @classmethod
     def adapter_settings(cls, adapter: LoraAdapter) -> dict[str, Any]:
-        return {"r": adapter.r, "alpha": adapter.lora_alpha, "use_dora": adapter.use_dora}
+        return {"r": adapter.r, "alpha": adapter.lora_alpha, "use_dora": adapter.use_dora,
+                "init": getattr(adapter, "file_init", True)}
 
     @classmethod
     def config_fields(cls, adapters: dict[str, LoraAdapter], sites: dict[str, Site], keys_for,
@@ -677,11 +896,15 @@ class Lora(Method):
         lora_bias = {hasattr(m, "B_bias") for m in adapters.values()}
         if len(lora_bias) > 1:
             raise AdapterFileError("the adapter's sites disagree on lora_bias; one PEFT config has one lora_bias")
+        inits = {getattr(m, "file_init", True) for m in adapters.values()}
+        if len(inits) > 1:
+            raise AdapterFileError(f"the adapter's sites disagree on init_lora_weights ({sorted(map(str, inits))}); one "
+                                   "PEFT config has one init_lora_weights")
         r = Counter(m.r for m in adapters.values()).most_common(1)[0][0]
         alpha = Counter(m.lora_alpha for m in adapters.values()).most_common(1)[0][0]
         dropouts = [getattr(getattr(m, "dropout", None), "p", 0.0) for m in adapters.values()]
         return {"r": r, "lora_alpha": alpha, "lora_dropout": Counter(dropouts).most_common(1)[0][0],
-                "use_rslora": rslora.pop(), "init_lora_weights": True, "bias": "none", "use_dora": dora.pop(),
+                "use_rslora": rslora.pop(), "init_lora_weights": inits.pop(), "bias": "none", "use_dora": dora.pop(),
                 "lora_bias": lora_bias.pop(), "layers_to_transform": None, "layers_pattern": None,
                 "fan_in_fan_out": any(sites[n].module_type == "Conv1D" for n in adapters),
                 "rank_pattern": keys_for({n: m.r for n, m in adapters.items()}, r),
@@ -703,21 +926,17 @@ class Lora(Method):
     @classmethod
     def config_from_peft(cls, fields: dict[str, Any]) -> LoraConfig:
         fields = dict(fields)
-        named = {"trainable_token_indices": "trainable tokens",
-                 "target_parameters": "target_parameters (LoRA on nn.Parameter)",
-                 "layer_replication": "layer_replication", "use_qalora": "QALoRA",
-                 "alora_invocation_tokens": "aLoRA"}
-        for key, feature in named.items():
+        own = {f.name for f in dataclasses.fields(cls.config_cls)}
+        for key, feature in _VARIANT_FIELDS.items():
             v = fields.get(key)
-            if not (v is None or v is False or (isinstance(v, (list, dict, str, tuple)) and not v)):
-                raise AdapterFileError(f"the adapter uses {feature} ({key}={v!r}), which fxpeft does not support yet")
-        init = fields.pop("init_lora_weights", True)
-        if isinstance(init, str) and init.lower().startswith(_REFUSED_INITS):
-            raise AdapterFileError(
-                f"the adapter was initialised with init_lora_weights={init!r}, which rewrites the base weights or "
-                "trains another set of parameters; fxpeft loads plain LoRA on the original base only. Convert it "
-                "with PEFT first (save_pretrained(..., path_initial_model_for_weight_conversion=...))")
-        return config_from_fields(cls, fields)  # the weights come from the file: the init does not matter
+            if key not in own and not is_unset(v):
+                raise AdapterFileError(f"the adapter sets {key}={v!r}: {feature}, a LoRA variant fxpeft does not "
+                                       f"implement; fxpeft refuses it rather than compute plain LoRA instead")
+        init = fields.get("init_lora_weights", True)
+        if isinstance(init, str) and init in _REFUSED_INITS:
+            raise AdapterFileError(f"the adapter sets init_lora_weights={init!r}, which fxpeft does not compute: "
+                                   f"{_REFUSED_INITS[init]}")
+        return config_from_fields(cls, fields)  # PiSSA/OLoRA re-run on load, as in PEFT: the base becomes the residual
 
     # ---------------------------------------------------------------------------------- weighted merges
     @classmethod

@@ -39,7 +39,7 @@ def test_target_naming_a_non_site_module_says_so(llama):
 
 
 @pytest.mark.parametrize("bad", [dict(r=0), dict(r=-2), dict(r=2.5), dict(rank_pattern={"q_proj": 0}),
-                                 dict(lora_dropout=1.0), dict(init_lora_weights="pissa"), dict(use_dora=1),
+                                 dict(lora_dropout=1.0), dict(init_lora_weights="pisa"), dict(use_dora=1),
                                  dict(bias="some"), dict(lora_bias=1), dict(lora_alpha=float("nan")),
                                  dict(lora_alpha=float("inf")),
                                  dict(alpha_pattern={"q_proj": float("nan")})],

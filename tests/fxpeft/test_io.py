@@ -375,7 +375,7 @@ BREAKERS = {
     "modules-to-save-nowhere": (_edit_config(modules_to_save=["no_such_head"]), "matches no module"),
     "layers-to-transform-drops-keys": (_edit_config(layers_to_transform=[0]), r"unexpected key.*layers\.1\."),
     "layers-out-of-range": (_edit_config(layers_to_transform=[7]), r"layers_to_transform \[7\] out of range"),
-    "pissa": (_edit_config(init_lora_weights="pissa"), "pissa"),
+    "corda": (_edit_config(init_lora_weights="corda"), "corda"),
     "magnitudes-without-dora": (_edit_tensors(lambda t: t.update({f"{_Q0}.lora_magnitude_vector": torch.ones(64)})),
                                 r"unexpected key.*q_proj\.lora_magnitude_vector"),
     "pickle-only": (_only_bin, "(?s)adapter_model.bin, a pickle.*safetensors"),
