@@ -314,6 +314,15 @@ class LoraAdapter(AdapterModule):
         delta = (B @ A) * s  # [out, in]; for an embedding [dim, num]
         return delta.T if (site.kind == "embedding" or site.fan_in_fan_out) else delta
 
+    def add_delta(self, site: Site, weight: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+        """``weight ± ΔW`` (fp32) in one multiply-add, with no ΔW temporary: the merge's fold and unfold."""
+        A, B, alpha = self.A.detach().float(), self.B.detach().float(), sign * self.scaling
+        if site.kind == "conv":  # [out, in·k] + [out, r] @ [r, in·k], seen back as [out, in, *k]
+            return torch.addmm(weight.flatten(1), B.flatten(1), A.flatten(1), alpha=alpha).view(weight.shape)
+        if site.kind == "embedding" or site.fan_in_fan_out:  # stored transposed: ΔWᵀ = Aᵀ @ Bᵀ
+            return torch.addmm(weight, A.T, B.T, alpha=alpha)
+        return torch.addmm(weight, B, A, alpha=alpha)
+
     def init_magnitude(self, site: Site, weight: torch.Tensor) -> None:
         """PEFT's DoRA init, ``m = ||W + s·B·A||`` per output, computed with the graph's own ops (:func:`dora_norm`).
 
@@ -723,13 +732,13 @@ class Lora(Method):
     def fold(cls, adapter: LoraAdapter, site: Site, weight: torch.Tensor, bias: torch.Tensor | None):
         if adapter.use_dora:
             return adapter.dora_fold(site, weight), bias
-        return weight + adapter.delta_weight(site), _bias_fold(adapter, bias, 1.0)
+        return adapter.add_delta(site, weight), _bias_fold(adapter, bias, 1.0)
 
     @classmethod
     def unfold(cls, adapter: LoraAdapter, site: Site, weight: torch.Tensor, bias: torch.Tensor | None):
         if adapter.use_dora:
             return adapter.dora_fold(site, weight, undo=True), bias
-        return weight - adapter.delta_weight(site), _bias_fold(adapter, bias, -1.0)
+        return adapter.add_delta(site, weight, -1.0), _bias_fold(adapter, bias, -1.0)
 
     # ---------------------------------------------------------------------------------- mixed batch
     @classmethod

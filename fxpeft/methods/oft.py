@@ -16,10 +16,11 @@ PEFT does, so files give PEFT's outputs either way.) PEFT rotates the activation
 
     linear / conv:  W' = W · Bᵀ   (W seen as [out, in·kh·kw])        embedding:  E' = E · B
 
-**In the graph** the call reads ``W'``: one matmul (or conv) as in the base model, and the merge is exactly that fold.
-``W'`` is built per block, ``[n, rows, b] @ [n, b, b]``, from ``Q`` and ``R`` nodes that read as the formula above.
-Where the call has no weight value to replace (a ``call_module`` site of a symbolic_trace graph) or the adapter is
-fp32 on a bf16/fp16 base, the graph rotates the activations as PEFT does (a conv adds ``conv(x, W' - W)``).
+**In the graph** a linear's input (an embedding's output) is rotated per block, ``[..., n, 1, b] @ [n, b, b]``, as
+PEFT does: in training that is far cheaper than reading a rotated weight, whose backward needs the full ``[out, in]``
+gradient of ``W'`` to reach ``R``. A conv reads ``W'`` (one conv as in the base model; the merge is exactly that fold),
+built per block, ``[n, rows, b] @ [n, b, b]``; where a conv call has no weight value to replace (a ``call_module``
+site of a symbolic_trace graph) or the adapter is fp32 on a bf16/fp16 base, it adds ``conv(x, W' - W)``.
 
 ``coft`` (constrained OFT) projects each block's ``Q`` into a Frobenius ball of radius ``eps / √n`` on every call,
 writing the projection back into the parameter, as PEFT does. ``module_dropout`` (training only) swaps a random
@@ -413,7 +414,12 @@ class OFT(Method):
         if hasattr(adapter, "module_dropout"):  # training: some blocks are the identity for this call
             rot = emit.module("module_dropout", rot, role=Role.DROPOUT, label="module_dropout")
         call = emit.call
-        if call.weight_node is not None and dtype == base_dtype and full_precision(dtype):
+        # Rotating the weight (one matmul in the forward) is cheaper than rotating every token only in
+        # inference: in training, R's gradient through W' = W·Bᵀ needs dL/dW' = gᵀ·x, a full [out, in] matmul
+        # over the tokens (1.2x PEFT's step on the benchmark), where the input's rotation costs tokens·in·b.
+        # So linear and embedding sites rotate the activations, as PEFT does; a conv reads its rotated weight.
+        if (site.kind == "conv" and call.weight_node is not None and dtype == base_dtype
+                and full_precision(dtype)):
             matrix = rot if site.kind == "embedding" else op(aten.transpose.int, rot, 1, 2, label="rotation_t")
             # Rotations do not commute: a later adapter rotates the weight the call reads now (earlier adapters'
             # rotations included), so the graph computes the folds in the order the merge applies them.
@@ -431,8 +437,8 @@ class OFT(Method):
     @staticmethod
     def _rotate_activations(emit: Emit, op, site: Site, adapter: OFTAdapter, rot: fx.Node, dtype: torch.dtype,
                             base_dtype: torch.dtype) -> None:
-        """PEFT's own form, where the call's weight cannot be replaced: rotate a linear's input, an embedding's
-        output (each ``[..., n, 1, b] @ R``), or add ``conv(x, W' - W)`` to a conv's output."""
+        """PEFT's form: rotate a linear's input, an embedding's output (``[..., n, b]`` by ``R [n, b, b]``, one
+        einsum), or add ``conv(x, W' - W)`` to a conv's output where the conv's weight cannot be replaced."""
         b = adapter.block
         if site.kind == "conv":
             w = emit.weight()
@@ -447,12 +453,17 @@ class OFT(Method):
         # order the merge folds them in
         value, reader = _base_and_reader(emit.call.input, site) if linear else (emit.call.node, None)
         v = emit.cast(value, dtype, role=Role.CAST, replaces=0) if dtype != base_dtype else value
-        v = op(aten.unflatten.int, v, -1, [adapter.blocks, b], label="blocks", replaces=0)  # [..., n, b]
-        v = op(aten.unsqueeze.default, v, -2, label="blocks", replaces=0)  # [..., n, 1, b]
-        v = op(aten.matmul.default, v, rot, label="rotated", replaces=0)  # [..., n, 1, b] @ [n|1, b, b]
+        n = adapter.blocks
+        flat = op(aten.reshape.default, v, [-1, n, b], label="blocks", replaces=0)  # [M, n, b] (M: the tokens)
+        # one bmm per block over all tokens: a broadcast matmul of [..., n, 1, b] by [n, b, b] runs M·n tiny
+        # products and reduces an expanded gradient for R (50x slower in training)
+        by_block = op(aten.transpose.int, flat, 0, 1, label="blocks", replaces=0)  # [n, M, b]
+        r = rot if adapter.oft_R.shape[0] == n else op(aten.expand.default, rot, [n, b, b], label="rotation")
+        out = op(aten.bmm.default, by_block, r, label="rotated", replaces=0)  # [n, M, b] @ [n, b, b]
+        out = op(aten.transpose.int, out, 0, 1, label="rotated", replaces=0)  # [M, n, b]
         last = dtype == base_dtype
-        v = op(aten.flatten.using_ints, v, -3, -1, label="rotated", replaces=0,
-               role=Role.OUT if last else Role.COMPUTE)  # [..., n·b]
+        v = op(aten.reshape_as.default, out, v, label="rotated", replaces=0,
+               role=Role.OUT if last else Role.COMPUTE)  # [..., n·b], the input's shape
         if not last:
             v = emit.cast(v, base_dtype, role=Role.OUT, replaces=0)
         if linear:

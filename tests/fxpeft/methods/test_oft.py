@@ -90,7 +90,7 @@ def test_peft_and_fxpeft_oft_files_are_interchangeable(case, tmp_path):
     assert fxpeft.get_nb_trainable_parameters(again)[0] == pm.get_nb_trainable_parameters()[0]
 
 
-def test_the_call_reads_the_rotated_weight_and_a_peft_config_object_works():
+def test_a_linear_reads_its_rotated_input_and_a_peft_config_object_works():
     model = _base("llama")[0]
     cfg = peft.OFTConfig(oft_block_size=16, target_modules=["q_proj", "down_proj"])  # PEFT's default: zero init
     gm = fxpeft.rewrite(_graph("llama"), cfg)
@@ -98,8 +98,9 @@ def test_the_call_reads_the_rotated_weight_and_a_peft_config_object_works():
     assert fxpeft.get_nb_trainable_parameters(gm)[0] == peft_counts(model, cfg)[0]
     code = gm.code
     assert "q_proj_skew = torch.ops.aten.sub.Tensor" in code
-    assert "q_proj_rotated_blocks = torch.ops.aten.matmul.default" in code
-    assert "linear.default(mul_4, model_layers_0_self_attn_q_proj_rotated_weight)" in code
+    # training cost: the input is rotated per block (as PEFT), not the weight (its backward needs dL/dW')
+    assert "q_proj_rotated = torch.ops.aten.bmm.default(model_layers_0_self_attn_q_proj_blocks_1" in code
+    assert "linear.default(model_layers_0_self_attn_q_proj_rotated_2, model_layers_0_self_attn_q_proj_weight)" in code
 
 
 class _TinyLM(nn.Module):
