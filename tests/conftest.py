@@ -96,6 +96,13 @@ def traced_copy(name: str):
 
 
 @torch.no_grad()
+def run_graph(gm, name: str) -> torch.Tensor:
+    """A graph's main output on :func:`traced_base`'s inputs (``use_cache`` is the traced model's flag, not an input)."""
+    _, args, kwargs, _ = traced_base(name)
+    return out_tensor(gm(*args, **{k: v for k, v in kwargs.items() if k != "use_cache"}))
+
+
+@torch.no_grad()
 def run_model(model, name: str) -> torch.Tensor:
     """The eager model's main output on :func:`traced_base`'s inputs."""
     _, args, kwargs, _ = traced_base(name)

@@ -11,12 +11,20 @@ import pytest
 import torch
 from conftest import (
     assert_unchanged,
-    out_tensor,
     peft_counts,
     rel_err,
-    run_model as _run_model,
     snapshot,
+)
+from conftest import (
+    run_graph as _run,
+)
+from conftest import (
+    run_model as _run_model,
+)
+from conftest import (
     traced_base as _base,
+)
+from conftest import (
     traced_copy as _graph,
 )
 from safetensors.torch import load_file
@@ -31,12 +39,6 @@ peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")  # deepcopy of an export graph
 
 _SCHEDULE = dict(init_r=4, target_r=2, total_step=8, tinit=1, tfinal=2, deltaT=2)
-
-
-@torch.no_grad()
-def _run(gm, name: str) -> torch.Tensor:
-    _, args, kwargs, _ = _base(name)
-    return out_tensor(gm(*args, **{k: v for k, v in kwargs.items() if k != "use_cache"}))
 
 
 def _same_files(a, b) -> None:

@@ -12,12 +12,20 @@ import pytest
 import torch
 from conftest import (
     assert_unchanged,
-    out_tensor,
     peft_counts,
     rel_err,
-    run_model as _run_model,
     snapshot,
+)
+from conftest import (
+    run_graph as _run,
+)
+from conftest import (
+    run_model as _run_model,
+)
+from conftest import (
     traced_base as _base,
+)
+from conftest import (
     traced_copy as _graph,
 )
 from safetensors.torch import load_file
@@ -48,12 +56,6 @@ class _BlockDiag:
 @pytest.fixture
 def peft_butterfly(monkeypatch):
     monkeypatch.setattr(boft_layer, "_FBD_CUDA", _BlockDiag())
-
-
-@torch.no_grad()
-def _run(gm, name: str) -> torch.Tensor:
-    _, args, kwargs, _ = _base(name)
-    return out_tensor(gm(*args, **{k: v for k, v in kwargs.items() if k != "use_cache"}))
 
 
 _PROJ = ["q_proj", "v_proj", "down_proj"]

@@ -11,12 +11,20 @@ import pytest
 import torch
 from conftest import (
     assert_unchanged,
-    out_tensor,
     peft_counts,
     rel_err,
-    run_model as _run_model,
     snapshot,
+)
+from conftest import (
+    run_graph as _run,
+)
+from conftest import (
+    run_model as _run_model,
+)
+from conftest import (
     traced_base as _base,
+)
+from conftest import (
     traced_copy as _graph,
 )
 from safetensors.torch import load_file
@@ -32,12 +40,6 @@ peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")  # deepcopy of an export graph
 
 _PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@torch.no_grad()
-def _run(gm, name: str) -> torch.Tensor:
-    _, args, kwargs, _ = _base(name)
-    return out_tensor(gm(*args, **{k: v for k, v in kwargs.items() if k != "use_cache"}))
 
 
 CASES = {

@@ -16,11 +16,19 @@ import torch
 from conftest import (
     assert_unchanged,
     out_tensor,
-    peft_counts,
     rel_err,
-    run_model as _run_model,
     snapshot,
+)
+from conftest import (
+    run_graph as _run,
+)
+from conftest import (
+    run_model as _run_model,
+)
+from conftest import (
     traced_base as _base,
+)
+from conftest import (
     traced_copy as _graph,
 )
 from safetensors.torch import load_file
@@ -35,12 +43,6 @@ pytestmark = [pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning"),  # 
               pytest.mark.filterwarnings("ignore:.*changes the base weights:UserWarning")]
 
 _T = ["q_proj", "v_proj", "down_proj"]
-
-
-@torch.no_grad()
-def _run(gm, name: str) -> torch.Tensor:
-    _, args, kwargs, _ = _base(name)
-    return out_tensor(gm(*args, **{k: v for k, v in kwargs.items() if k != "use_cache"}))
 
 
 def _pair(base: str, fields: dict, seed: int = 3, peft_object: bool = False):

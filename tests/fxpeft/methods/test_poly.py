@@ -11,7 +11,15 @@ import pickle
 
 import pytest
 import torch
-from conftest import assert_unchanged, out_tensor, peft_counts, rel_err, snapshot, traced_base, traced_copy
+from conftest import (
+    assert_unchanged,
+    out_tensor,
+    peft_counts,
+    rel_err,
+    snapshot,
+    traced_base,
+    traced_copy,
+)
 from safetensors.torch import load_file
 from torch import nn
 
