@@ -52,14 +52,16 @@ from .lifecycle import (
 from .mixed import adapter_index, export_mixed_batch, mixed_batch
 from .io import config_from_peft, hotswap_adapter, load_adapter, prepare_for_hotswap, save_adapter, save_merged
 from .methods.adalora import AdaLoraConfig, adalora_orth_loss, update_and_allocate
-from .methods import BOFTConfig, IA3Config, LNTuningConfig, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, VeraConfig
+from .methods import BOFTConfig, FourierFTConfig, ShiraConfig, HRAConfig, IA3Config, LNTuningConfig, LoHaConfig, LoKrConfig, LoraConfig, MissConfig, OFTConfig, VeraConfig
 from .methods.poly import PolyConfig
+from .methods.prompt_tuning import PromptTuningConfig
 from .methods.trainable_tokens import TrainableTokensConfig
 from .registry import AdapterModule, Emit, Method, PeftConfigBase, PeftRegistry
 from .tags import AdapterTag, GraphInfo, Role
 from .sites import Site, find_sites, list_sites, unreached_weights
 from .viz import draw
 from .weights import empty_weights, load_weights, meta_tensors
+from .trainer import FxPeftTrainerMixin, restore_adapters, save_adapters
 
 __version__ = "0.1.0"
 
@@ -94,6 +96,9 @@ __all__ = [
     "empty_weights",
     "load_weights",
     "meta_tensors",
+    "save_adapters",
+    "restore_adapters",
+    "FxPeftTrainerMixin",
     "to_networkx",
     "Site",
     "get_nb_trainable_parameters",
@@ -107,9 +112,14 @@ __all__ = [
     "update_and_allocate",
     "adalora_orth_loss",
     "BOFTConfig",
+    "HRAConfig",
+    "MissConfig",
     "OFTConfig",
     "VeraConfig",
+    "FourierFTConfig",
+    "ShiraConfig",
     "PolyConfig",
+    "PromptTuningConfig",
     "TrainableTokensConfig",
     "PeftRegistry",
     "Method",
@@ -133,3 +143,13 @@ __all__ = [
     "DrawError",
     "GraphvizNotFoundError",
 ]
+
+
+def __getattr__(name: str):
+    # fxpeft.FxPeftTrainer subclasses transformers.Trainer: imported on first use, so `import fxpeft` needs no
+    # transformers
+    if name == "FxPeftTrainer":
+        from .trainer import FxPeftTrainer
+
+        return FxPeftTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

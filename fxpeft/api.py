@@ -186,6 +186,13 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, strict:
                 owner = gm.get_submodule(parent)
             if not hasattr(owner, leaf):
                 (owner.register_parameter if kind == "parameter" else owner.register_buffer)(leaf, t)
+    for path, mod in model.named_modules():  # a layout flag a parameter site reads (transformers' experts stored
+        # [E, in, out] say ``is_transposed``): the graph's own submodule keeps it
+        if isinstance(getattr(mod, "is_transposed", None), bool) and any(True for _ in mod.parameters(False)):
+            try:
+                gm.get_submodule(path).is_transposed = mod.is_transposed
+            except AttributeError:
+                pass
     for path, mod in ep_mod.named_modules():  # keep non-persistent buffers out of state_dict(), as in the model
         if mod._non_persistent_buffers_set:
             owner = gm.get_submodule(path) if path else gm
@@ -298,6 +305,10 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, dyn
         _record_shapes(gm, args, kwargs)
     from .serialize import make_picklable  # fxpeft.serialize hook: pickle/deepcopy keep the graph, tags, GraphInfo
     gm = make_picklable(gm)
+    if any(p.is_meta for p in gm.parameters()):  # traced on meta weights: running it first needs load_weights
+        from .weights import guard_unloaded
+
+        guard_unloaded(gm)
     gm.train(model.training)
     gm.graph.lint()
     return gm
@@ -306,7 +317,9 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, dyn
 def rewrite(gm: fx.GraphModule, config: Any, adapter_name: str = "default", *, fuse: bool = True) -> fx.GraphModule:
     """Insert adapters into ``gm`` in place and freeze every base parameter.
 
-    Atomic: every check runs before the graph changes, so on error ``gm`` is exactly as it was.
+    Atomic: every check runs before the graph changes, so on error ``gm`` is exactly as it was. On a graph from
+    :func:`trace`, the Python code of the new graph is generated at its first use (the first call, ``gm.code``,
+    ``torch.compile``, a pickle or copy), not by the rewrite: on a big graph that is most of the cost.
 
     Args:
         gm: a graph from :func:`trace`.

@@ -39,7 +39,7 @@ from torch import fx, nn
 from .atomic import commit_files, read_lock, verify_files
 from .copies import (FullCopy, copy_config_fields, copy_tensors, load_copy_tensors, plan_copies, saved_modules,
                      site_adapters, take_copy_tensors)
-from .errors import AdapterFileError, FxPeftError, TargetError
+from .errors import AdapterFileError, FxPeftError, TargetError, WeightsError
 from .pipeline import rewrite_graph
 from .passes.inject import adapter_modules
 from .passes.transaction import transaction
@@ -179,7 +179,9 @@ def _warn_differences(method: type[Method], sites: list[Site], direction: str) -
 
     reasons: dict[str, list[str]] = {}
     for s in sites:
-        if not s.weight.endswith(".weight") or s.name == s.weight:
+        if s.kind == "parameter":  # PEFT's target_parameters: adapted before all uses there too
+            why = method.differs_in_peft(s)
+        elif not s.weight.endswith(".weight") or s.name == s.weight:
             why = ("site(s) that are bare parameters (e.g. nn.MultiheadAttention.in_proj_weight): PEFT's module-based "
                    "adapters cannot hold them and skip them or refuse the file")
         elif outside_owner(s):
@@ -273,7 +275,8 @@ def save_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_name:
     by_site.update({n: {k: t.detach().to("cpu").reshape(shapes[n][k]).contiguous().clone()
                         for k, t in PeftRegistry.get(m.method).site_tensors(m, sites[n]).items()}
                     for n, m in extra.items()})
-    tensors = {f"{_PREFIX}{n}.{k}": t.contiguous() for n, per in by_site.items() for k, t in per.items()}
+    names = method.file_names(gm, [sites[n] for n in mods])
+    tensors = {f"{_PREFIX}{names.get(n, n)}.{k}": t.contiguous() for n, per in by_site.items() for k, t in per.items()}
     tensors.update({_PREFIX + k: t.to("cpu").contiguous().clone() for k, t in copy_tensors(copies).items()})
     shared = getattr(gm, Method.shared_path(method.name, adapter_name), None)
     if shared is not None:  # state every site of the adapter reads (VeRA's matrices), under the method's keys
@@ -335,10 +338,11 @@ def _config_for(gm: fx.GraphModule, method: type[Method], mods: dict[str, Adapte
     targeted = {n: method.target_partition(m) for n, m in mods.items()}
     universe = _module_names(gm, sites)
     target_modules = _short_keys(targeted, {n: targeted.get(n) for n in universe})
-    return {"peft_type": method.name.upper(), "base_model_name_or_path": None, "revision": None,
-            "task_type": _task_type(gm, copies), "inference_mode": True, "target_modules": target_modules,
-            "exclude_modules": None, "modules_to_save": None,
-            **method.config_fields(mods, sites, _pattern_keys, target_modules), **copy_config_fields(copies)}
+    config = {"peft_type": method.name.upper(), "base_model_name_or_path": None, "revision": None,
+              "task_type": _task_type(gm, copies), "inference_mode": True, "target_modules": target_modules,
+              "exclude_modules": None, "modules_to_save": None,
+              **method.config_fields(mods, sites, _pattern_keys, target_modules), **copy_config_fields(copies)}
+    return {k: v for k, v in config.items() if k not in method.peft_absent_fields}
 
 
 def _copy_layout(items) -> set:
@@ -556,7 +560,7 @@ def load_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_name:
     config, tensors = _open_adapter_dir(directory)
     method = _method_of(config)
     fx_config = method.config_from_peft(config)
-    if fx_config.target_modules is None:
+    if fx_config.target_modules is None and not method.targets_from_graph:
         raise AdapterFileError(f"{CONFIG_NAME} has no target_modules; fxpeft needs them to know what to adapt")
     sites = find_sites(gm, CALL_KINDS | method.site_kinds)
     try:  # fxpeft's own targeting follows PEFT's rules (list suffixes, full-match regex, "all-linear")
@@ -574,8 +578,16 @@ def load_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_name:
         raise AdapterFileError(f"{CONFIG_NAME} does not fit this graph: {e}") from e
     shared = _take_shared(tensors, method.shared_shapes(fx_config, chosen))
     copied = take_copy_tensors(tensors, plans, _PREFIX)
-    by_site, base = _match_tensors(tensors, {**shapes, **extra}, method.refused_keys(), gm, sites)
+    names = method.file_names(gm, chosen)  # where the file keeps each site's tensors (its site name by default)
+    by_path, base = _match_tensors(tensors, {**{names[n]: v for n, v in shapes.items()}, **extra},
+                                   method.refused_keys(), gm, {**sites, **{names[s.name]: s for s in chosen}})
+    by_site = {**by_path, **{n: by_path[names[n]] for n in shapes if names[n] in by_path}}
     _warn_differences(method, chosen, "load_adapter")
+    on_meta = [s.name for s in chosen if gm.get_parameter(s.weight).is_meta]
+    if on_meta:  # the file's values would be copied into tensors that hold none
+        raise WeightsError(f"{len(on_meta)} targeted site(s) have their base weights on the meta device (first: "
+                           f"{on_meta[0]!r}); load them first: fxpeft.load_adapter(fxpeft.load_weights(gm, "
+                           "checkpoint_dir), adapter_dir)")
     exact = dataclasses.replace(fx_config, target_modules=_exact_regex(shapes), exclude_modules=None,
                                 layers_to_transform=None, layers_pattern=None)
 
@@ -584,7 +596,7 @@ def load_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_name:
         own = {p: m for p, m in adapter_modules(gm).items() if m.adapter_name == adapter_name}
         mods = {m.site_name: m for m in site_adapters(own).values()}
         for name in shapes:
-            method.load_site_tensors(mods[name], sites[name], by_site[name])
+            method.load_site_tensors(mods[name], sites[name], by_site.get(name, {}))  # {}: its state is shared
         for name in extra:
             PeftRegistry.get(mods[name].method).load_site_tensors(mods[name], sites[name], by_site.get(name, {}))
         load_copy_tensors({p: m for p, m in own.items() if isinstance(m, FullCopy)}, copied)

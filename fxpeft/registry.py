@@ -208,6 +208,12 @@ class Emit:
         target = aten_op if self.export else fx_callable(aten_op)
         return self._node("call_function", target, args, kwargs, role, replaces, label)
 
+    def function(self, fn, *args, role: Role = Role.COMPUTE, replaces: int | None = None,
+                 label: str | None = None) -> fx.Node:
+        """A ``call_function`` node of a module-level Python function (the same in both dialects): for a step no
+        aten op expresses, such as a choice made on a run-time buffer in eager mode."""
+        return self._node("call_function", fn, args, {}, role, replaces, label)
+
     def param(self, attr: str, role: Role = Role.PARAM, label: str | None = None) -> fx.Node:
         """Read a parameter or buffer of this adapter's submodule; ``label`` names the node."""
         return self._node("get_attr", f"{self.tag.module}.{attr}", (), {}, role, label=label)
@@ -329,6 +335,10 @@ class Method:
             is installed: it knows more model families).
         peft_fields: ``adapter_config.json`` fields that do not change what the adapter computes, beyond the
             config's own fields (PEFT bookkeeping); any other set field is refused on load.
+        targets_from_graph: the method finds its one site in the graph itself (:meth:`select_sites`), so its
+            PEFT files carry no ``target_modules`` (prompt learning: the input embedding).
+        peft_absent_fields: generic config fields (``target_modules``...) that PEFT's config for this method does
+            not have: files leave them out, as PEFT writes them.
     """
 
     name: ClassVar[str] = ""
@@ -340,6 +350,8 @@ class Method:
     default_targets: ClassVar[dict[str, list[str]]] = {}
     peft_default_table: ClassVar[str | None] = None
     peft_fields: ClassVar[frozenset[str]] = frozenset()
+    targets_from_graph: ClassVar[bool] = False
+    peft_absent_fields: ClassVar[frozenset[str]] = frozenset()
 
     # ---------------------------------------------------------------------------------------- config
     @classmethod
@@ -488,6 +500,14 @@ class Method:
     def site_tensors(cls, adapter: AdapterModule, site: Site) -> dict[str, torch.Tensor]:
         """The adapter's tensors in PEFT's layout, keyed by PEFT's key suffix (``lora_A.weight``)."""
         raise NotImplementedError
+
+    @classmethod
+    def file_names(cls, gm: fx.GraphModule, sites: list[Site]) -> dict[str, str]:
+        """The module path each site's tensors sit under in a file (``base_model.model.<path>.<key>``), given every
+        site the file adapts: the site's name by default. A method whose format places a site elsewhere (PEFT nests
+        the wrappers of several parameters of one module: ``<module>.base_layer.<key>``) overrides it; the paths
+        must be distinct."""
+        return {s.name: s.name for s in sites}
 
     @classmethod
     def site_shapes(cls, config: Any, site: Site) -> dict[str, tuple[int, ...]]:

@@ -51,7 +51,7 @@ from torch import fx
 
 from .errors import InputShapeError, SerializationError
 
-__all__ = ["SerializationError", "FxPeftGraphModule", "make_picklable"]
+__all__ = ["SerializationError", "FxPeftGraphModule", "make_picklable", "defer_codegen", "codegen_deferred"]
 
 _FORMAT = 1
 #: node.meta entries that are never saved: fake/symbolic tensors of the trace (re-derivable, not picklable).
@@ -310,11 +310,57 @@ _REBUILT_ATTRS = ("_graph", "_code", "_lineno_map", "_prologue_start", "_in_spec
 _RUNTIME_ATTRS = ("_replace_hooks", "_create_node_hooks", "_erase_node_hooks", "_deepcopy_hooks", "shape_env")
 
 
+class _DeferredForward:
+    """The ``forward`` of a graph whose code generation is deferred (:func:`defer_codegen`). Reading it (a call,
+    ``torch.compile``, ``torch.export``, ``inspect.signature``) generates the code first; the generated
+    ``forward`` then replaces this descriptor on the per-instance class, so later calls cost nothing extra."""
+
+    def __get__(self, obj: Any, cls: type | None = None) -> Any:
+        if obj is None:
+            return self
+        obj.recompile()
+        return obj.forward
+
+    def __call__(self, obj: Any, *args: Any, **kwargs: Any) -> Any:  # type(gm).forward(gm, ...)
+        return self.__get__(obj)(*args, **kwargs)
+
+
+_DEFERRED = _DeferredForward()
+
+
+def defer_codegen(gm: fx.GraphModule) -> None:
+    """Regenerate ``gm``'s code when it is next needed instead of now (Python code generation and ``compile`` of
+    a big graph cost more than the edit that made them stale). Only :class:`FxPeftGraphModule` defers: the first
+    access to ``forward`` (any call), ``code``, ``str(gm)``, a pickle or a copy generates it. Other graph modules
+    recompile at once."""
+    if isinstance(gm, FxPeftGraphModule) and type(gm) is not FxPeftGraphModule:
+        type(gm).forward = _DEFERRED  # the per-instance class holds forward (GraphModule.__new__)
+    else:
+        gm.recompile()
+
+
+def codegen_deferred(gm: fx.GraphModule) -> bool:
+    """Whether ``gm``'s code is stale, waiting for its first use (:func:`defer_codegen`)."""
+    return vars(type(gm)).get("forward") is _DEFERRED
+
+
 class FxPeftGraphModule(fx.GraphModule):
     """The ``GraphModule`` class of graphs made by :func:`fxpeft.trace`: it pickles and deep-copies with its graph.
 
-    Like every ``GraphModule``, each instance gets its own subclass (which holds its ``forward``).
+    Like every ``GraphModule``, each instance gets its own subclass (which holds its ``forward``). Its code can
+    be generated lazily (:func:`defer_codegen`): ``code`` and ``str()`` generate it first.
     """
+
+    @property
+    def code(self) -> str:
+        if codegen_deferred(self):
+            self.recompile()
+        return super().code
+
+    def __str__(self) -> str:
+        if codegen_deferred(self):
+            self.recompile()
+        return super().__str__()
 
     def __reduce__(self):
         state = {k: v for k, v in self.__dict__.items()
@@ -346,6 +392,8 @@ class FxPeftGraphModule(fx.GraphModule):
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
             res = super().__deepcopy__(memo)
         type(res).__name__ = type(self).__name__
+        for attr in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"):  # GraphModule.__init__ drops hooks
+            getattr(res, attr).update(getattr(self, attr))  # (fxpeft.weights guards a graph on meta weights)
         return res
 
 

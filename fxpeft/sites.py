@@ -29,8 +29,9 @@ __all__ = ["Call", "Site", "find_sites", "list_sites", "unreached_weights", "gra
 #: the site kinds :func:`find_sites` finds by default: a weight applied by a linear, conv or embedding call
 CALL_KINDS = frozenset({"linear", "conv", "embedding"})
 #: every kind it can find; ``"norm"`` (a normalization module's affine weight and bias) only when asked for, by a
-#: method whose ``site_kinds`` name it, so the sites other methods see do not change
-SITE_KINDS = CALL_KINDS | {"norm"}
+#: method whose ``site_kinds`` name it, so the sites other methods see do not change; ``"parameter"`` (a parameter
+#: of 2 or more dims read by a ``get_attr``, adapted before all of its uses) likewise
+SITE_KINDS = CALL_KINDS | {"norm", "parameter"}
 
 aten = torch.ops.aten
 
@@ -123,6 +124,8 @@ class Site:
     padding_idx: int | None = None
     module_type: str = ""
     calls: list[Call] = field(default_factory=list)
+    #: a ``"parameter"`` site's full shape (its calls are the parameter's ``get_attr`` reads)
+    param_shape: tuple[int, ...] = ()
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
@@ -132,6 +135,8 @@ class Site:
             return (self.in_features, self.out_features)
         if self.kind == "norm":
             return (self.out_features,)
+        if self.kind == "parameter":
+            return self.param_shape
         return (self.in_features, self.out_features) if self.fan_in_fan_out else (self.out_features, self.in_features)
 
 
@@ -425,7 +430,55 @@ def find_sites(gm: fx.GraphModule, kinds: frozenset[str] | set[str] = CALL_KINDS
         if site is None:
             site = sites[name] = Site(**fields)
         site.calls.append(call)
+    if "parameter" in kinds:  # after the call sites, so that a name both could take stays the call site's
+        _parameter_sites(gm, sites)
     return sites
+
+
+def _parameter_sites(gm: fx.GraphModule, sites: dict[str, Site]) -> None:
+    """Add a ``"parameter"`` site per parameter the graph reads with ``get_attr``: an adapter there rewrites the
+    parameter's value before every use, whatever ops read it (grouped_mm, bmm, slices, views, indexing).
+
+    Named by the parameter's path (``<path>:parameter`` if a call site already has that name). In/out follow PEFT's
+    ``ParamWrapper``: a 2-D ``[out, in]``; a 3-D ``[experts, out, in]``, or ``[experts, in, out]`` when the owning
+    module says ``is_transposed`` (``fan_in_fan_out`` then)."""
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or get_tag(node) is not None or not node.users:
+            continue
+        p = _attr(gm, node.target)
+        if not isinstance(p, nn.Parameter):
+            continue
+        # after a rewrite the parameter's one reader is the adapter node standing for it (the merge's own reader)
+        only = next(iter(node.users)) if len(node.users) == 1 else None
+        user = only if only is not None and (t := get_tag(only)) is not None and t.replaces is not None else None
+        call = Call(node, 0, node, user)
+        hit = next((s for s in sites.values() if s.kind == "parameter" and s.weight == node.target), None)
+        if hit is not None:
+            hit.calls.append(call)
+            continue
+        parent = node.target.rpartition(".")[0]
+        transposed = p.dim() == 3 and bool(getattr(_attr(gm, parent) if parent else gm, "is_transposed", False))
+        shape = tuple(p.shape)
+        if p.dim() == 3:
+            out_f, in_f = (shape[2], shape[1]) if transposed else (shape[1], shape[2])
+        else:  # 1-D (refused by the method) or 2-D [out, in]
+            out_f, in_f = shape[0] if shape else 1, shape[1] if p.dim() >= 2 else 1
+        name = node.target if node.target not in sites else f"{node.target}:parameter"
+        sites[name] = Site(name=name, kind="parameter", weight=node.target, bias=None, in_features=in_f,
+                           out_features=out_f, fan_in_fan_out=transposed, module_type=_reader_class(node), calls=[call],
+                           param_shape=shape)
+
+
+def _reader_class(node: fx.Node) -> str:
+    """The class of the module whose code reads a parameter (``MultiheadAttention`` for its ``in_proj_weight``, which
+    no module call of its own applies), past any adapter standing for it; ``"Parameter"`` when none owns it."""
+    user = next(iter(node.users), None)
+    while user is not None and (t := get_tag(user)) is not None and t.replaces is not None:
+        user = next(iter(user.users), None)
+    owner = _owner(user) if user is not None else None
+    if owner is not None and owner[0] and node.target.startswith(owner[0] + "."):
+        return owner[1]
+    return "Parameter"
 
 
 def _op_label(node: fx.Node) -> str:
@@ -451,7 +504,7 @@ def unreached_weights(gm: fx.GraphModule, sites: dict[str, Site] | None = None) 
         >>> fxpeft.sites.unreached_weights(fxpeft.trace(M()))
         {'w': 'read by matmul (on the left, or as a plain operand): not the weight of a linear/conv/embedding call'}
     """
-    sites = find_sites(gm) if sites is None else sites
+    sites = find_sites(gm) if sites is None else {n: s for n, s in sites.items() if s.kind != "parameter"}
     reached = {s.weight for s in sites.values()} | {s.bias for s in sites.values() if s.bias}
     reached_ids = {id(_attr(gm, w)) for w in reached}
     out: dict[str, str] = {}

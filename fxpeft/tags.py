@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 
 from torch import fx
 
-__all__ = ["TAG_KEY", "INFO_KEY", "Role", "AdapterTag", "GraphInfo", "get_tag", "set_tag", "tag_dict", "graph_info",
+__all__ = ["TAG_KEY", "INFO_KEY", "Role", "AdapterTag", "PendingBuild", "GraphInfo", "get_tag", "set_tag", "tag_dict", "graph_info",
            "set_graph_info"]
 
 #: ``node.meta`` key of an inserted node's :class:`AdapterTag`.
@@ -85,7 +85,34 @@ class AdapterTag:
     fused: tuple[str, ...] = ()
 
     def with_role(self, role: Role, **changes) -> AdapterTag:
-        return replace(self, role=role, **changes)
+        if not changes.keys() <= self.__dataclass_fields__.keys():
+            return replace(self, role=role, **changes)  # raises the TypeError naming the unknown field
+        # One call per inserted node: a copy of the (plain data) fields is cheaper than replace()'s __init__ call.
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__, role=role, **changes)
+        return new
+
+
+@dataclass(frozen=True)
+class PendingBuild:
+    """An adapter rewritten onto base weights still on the meta device: what :func:`fxpeft.load_weights` needs to
+    build its real initial values once the base weights are in, exactly as a rewrite of the loaded graph would.
+
+    Attributes:
+        method: registered method name.
+        adapter: adapter name.
+        config: the config as the rewrite used it (defaults filled in, validated).
+        sites: ``(site name, adapter module path)`` of each adapted site, in build order.
+        rng: the CPU RNG state (``torch.random.get_rng_state()`` as bytes) when the rewrite began building.
+        rng_after: the CPU RNG state when it finished (a later record starting from it drew nothing in between).
+    """
+
+    method: str
+    adapter: str
+    config: object
+    sites: tuple[tuple[str, str], ...]
+    rng: bytes
+    rng_after: bytes
 
 
 @dataclass
@@ -107,6 +134,8 @@ class GraphInfo:
         adapter_table: in a mixed-batch graph (:func:`fxpeft.mixed_batch`), the adapter name of each row index
             value (``"__base__"`` for none); None in other graphs.
         inputs: forward keywords fxpeft added for adapters to read (:mod:`fxpeft.inputs`), in the order added.
+        pending_builds: adapters built on meta base weights, in the order added, whose initial values
+            :func:`fxpeft.load_weights` computes after loading the base (:class:`PendingBuild`).
     """
 
     dialect: str = "fx"
@@ -121,6 +150,7 @@ class GraphInfo:
     generation: int = 0
     adapter_table: tuple[str, ...] | None = None
     inputs: tuple[str, ...] = ()
+    pending_builds: tuple[PendingBuild, ...] = ()
 
 
 def get_tag(node: fx.Node) -> AdapterTag | None:

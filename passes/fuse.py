@@ -221,6 +221,7 @@ class FuseLowRankSiblings:
 
     Args:
         adapter_names: fuse only these adapters' sites (default: all).
+        recompile: False when the caller regenerates the code itself (the graph is linted either way).
 
     Example:
         >>> import torch, fxpeft
@@ -234,6 +235,7 @@ class FuseLowRankSiblings:
     """
 
     adapter_names: tuple[str, ...] | None = None
+    recompile: bool = True
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         chains = [c for c in low_rank_chains(gm) if self.adapter_names is None or c.tag.adapter in self.adapter_names]
@@ -247,7 +249,8 @@ class FuseLowRankSiblings:
                 for group in groups:
                     _fuse_group(gm, group, pos)
                 gm.graph.lint()
-                gm.recompile()
+                if self.recompile:
+                    gm.recompile()
         return PassResult(gm, bool(groups))
 
 

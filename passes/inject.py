@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -17,15 +17,15 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from fxpeft.copies import FullCopy, build_copies, insert_copies, plan_copies
-from fxpeft.errors import AdapterExistsError, ConfigError, UnsupportedSiteError
+from fxpeft.errors import AdapterExistsError, ConfigError, UnsupportedSiteError, WeightsError
 from fxpeft.registry import AdapterModule, Emit, Method, PeftRegistry
 from fxpeft.sites import CALL_KINDS, Site, find_sites
-from fxpeft.tags import AdapterTag, Role, get_tag, graph_info, set_graph_info
+from fxpeft.tags import AdapterTag, PendingBuild, Role, get_tag, graph_info, set_graph_info
 from fxpeft.targeting import select_sites
 
 from .transaction import transaction
 
-__all__ = ["InjectAdapter", "adapter_nodes", "adapter_modules", "ordered_names", "freeze_base", "check_adapter_name"]
+__all__ = ["InjectAdapter", "build_adapters", "adapter_nodes", "adapter_modules", "ordered_names", "freeze_base", "check_adapter_name"]
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 
@@ -68,7 +68,8 @@ def freeze_base(gm: torch.nn.Module) -> None:
     trainable = {id(p) for m in adapters if m.enabled for p in m.trainable_parameters()}
     info = graph_info(gm)
     if info.frozen is None:
-        info.frozen = {n: p.requires_grad for n, p in gm.named_parameters() if id(p) not in own | shared}
+        adapter_ids = own | shared  # once, not per parameter
+        info.frozen = {n: p.requires_grad for n, p in gm.named_parameters() if id(p) not in adapter_ids}
         set_graph_info(gm, info)
     for p in gm.parameters():
         if id(p) not in shared:  # shared state keeps the flags its method gave it (VeRA's frozen matrices)
@@ -110,6 +111,38 @@ def _check_free(gm: fx.GraphModule, method: type[Method], name: str, chosen: lis
             raise AdapterExistsError(f"attribute {paths[s.name]!r} already exists; pick another adapter_name")
 
 
+def build_adapters(gm: fx.GraphModule, method: type[Method], config: Any, name: str, chosen: list[Site]
+                   ) -> tuple[dict[str, AdapterModule], torch.nn.Module | None, dict[str, torch.Tensor]]:
+    """Build one adapter's modules (per site, then the state its sites share) and the base updates its init asks
+    for (PiSSA's residual); nothing is attached. The one place adapters are initialised: the inject pass and
+    :func:`fxpeft.load_weights` (replaying a rewrite done on meta weights) both call it, so the random draws come
+    in the same order and a replay under the same RNG state gives the same values."""
+    adapters = {s.name: method.build(s, config, name, gm.get_parameter(s.weight)) for s in chosen}
+    first = gm.get_parameter(chosen[0].weight)
+    shared = method.shared_state(config, chosen, name, first.dtype, first.device)
+    # inits that leave the base a residual (PiSSA): computed in build, written inside the transaction
+    updates = {s.weight: u for s in chosen if (u := method.base_update(adapters[s.name], s)) is not None}
+    return adapters, shared, updates
+
+
+def _rng_bytes() -> bytes:
+    return torch.random.get_rng_state().numpy().tobytes()
+
+
+def _pending_build(gm: fx.GraphModule, method: type[Method], config: Any, name: str, chosen: list[Site],
+                   paths: dict[str, str]) -> PendingBuild | None:
+    """The record of a build on meta base weights (None on real ones): load_weights replays it once they load."""
+    meta = [s.name for s in chosen if gm.get_parameter(s.weight).is_meta]
+    if not meta:
+        return None
+    if len(meta) != len(chosen):
+        raise WeightsError(f"{len(meta)} of the {len(chosen)} targeted sites have their weights on the meta device "
+                           f"(first: {meta[0]!r}) and the others are loaded; load every base weight "
+                           "(fxpeft.load_weights) or none before the rewrite")
+    return PendingBuild(method.name, name, copy.deepcopy(config), tuple((s.name, paths[s.name]) for s in chosen),
+                        _rng_bytes(), b"")
+
+
 @dataclass(frozen=True)
 class InjectAdapter:
     """Insert one adapter (of the method ``config`` belongs to) at every targeted site.
@@ -117,7 +150,7 @@ class InjectAdapter:
     Args:
         config: a registered method config (:class:`fxpeft.LoraConfig`, :class:`fxpeft.IA3Config`, ...).
         adapter_name: key of this adapter; one site can hold several adapters under different names.
-        recompile: False when a later pass in the same pipeline regenerates the code anyway.
+        recompile: False when a later pass in the same pipeline lints the graph and regenerates the code anyway.
 
     Example:
         >>> import torch, fxpeft
@@ -153,17 +186,24 @@ class InjectAdapter:
         method.check_selection(config, chosen)
         # modules_to_save / trained biases: per-adapter copies of base tensors (fxpeft.copies), checked here too
         copies = build_copies(plan_copies(gm, config, name, chosen), name)
-        adapters = {s.name: method.build(s, config, name, gm.get_parameter(s.weight)) for s in chosen}
-        order = {m.adapter_name: getattr(m, "order", 0) for m in adapter_modules(gm).values()}
+        pending = _pending_build(gm, method, config, name, chosen, paths)
+        try:
+            adapters, shared, updates = build_adapters(gm, method, config, name, chosen)
+        except NotImplementedError as e:  # an init that reads the weight's values (a check): meta has none
+            if pending is None:
+                raise
+            raise WeightsError(f"{method.display_name}'s initialisation reads the base weights' values, which are on "
+                               f"the meta device ({e}); load them first: fxpeft.rewrite(fxpeft.load_weights(gm, "
+                               "directory), config)") from None
+        if pending is not None:
+            pending = replace(pending, rng_after=_rng_bytes())
+        present = list(adapter_modules(gm).values())  # one walk of the module tree
+        order = {m.adapter_name: getattr(m, "order", 0) for m in present}
         for m in [*adapters.values(), *copies.values()]:  # PEFT lists adapters in the order they were added
             m.order = order.get(name, max(order.values(), default=0) + 1)
-        if any(m.adapter_name != name for m in adapter_modules(gm).values()):
+        if any(m.adapter_name != name for m in present):
             for m in [*adapters.values(), *copies.values()]:  # PEFT's add_adapter: added, not made active
                 m.set_active(False)
-        first = gm.get_parameter(chosen[0].weight)
-        shared = method.shared_state(config, chosen, name, first.dtype, first.device)
-        # inits that leave the base a residual (PiSSA): computed in build, written inside the transaction
-        updates = {s.weight: u for s in chosen if (u := method.base_update(adapters[s.name], s)) is not None}
 
         with transaction(gm) as txn:  # ---- validated: mutate from here on, all or nothing ----
             for weight, value in updates.items():
@@ -179,7 +219,11 @@ class InjectAdapter:
                         method.insert(emit, s, adapters[s.name])
             insert_copies(gm, copies)
             freeze_base(gm)
-            gm.graph.lint()
+            if pending is not None:  # fxpeft.load_weights gives these adapters their values once the base is in
+                now = graph_info(gm)  # freeze_base may have stored a new record
+                now.pending_builds = (*now.pending_builds, pending)
+                set_graph_info(gm, now)
             if self.recompile:
+                gm.graph.lint()
                 gm.recompile()
         return PassResult(gm, True)

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import torch
 from torch import fx
 
+from fxpeft.serialize import codegen_deferred, defer_codegen
 from fxpeft.tags import INFO_KEY, graph_info, set_graph_info
 
 __all__ = ["Transaction", "transaction"]
@@ -36,7 +37,9 @@ class Transaction:
         self.grads = [(p, p.requires_grad) for p in gm.parameters()]
         meta = getattr(gm, "meta", None)
         self.info = copy.copy(meta.get(INFO_KEY)) if isinstance(meta, dict) else None
-        self.code = gm.code if hasattr(gm, "_code") else None
+        # stale code waiting for its first use stays deferred: reading it here would generate it for nothing
+        self.deferred = codegen_deferred(gm)
+        self.code = gm.code if hasattr(gm, "_code") and not self.deferred else None
         self.codegen = gm.graph._codegen  # passes that change the calling convention give the graph a new one
         self.written: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.undo: list = []
@@ -95,7 +98,9 @@ class Transaction:
         if self.info is not None:
             self.gm.meta[INFO_KEY] = self.info
         graph._codegen = self.codegen
-        if self.code is not None and self.gm.code != self.code:
+        if self.deferred:
+            defer_codegen(self.gm)
+        elif self.code is not None and self.gm.code != self.code:
             self.gm.recompile()
 
 

@@ -34,6 +34,26 @@ PEFT's file layout (keys under ``base_model.model.<site>.``)::
     lora_magnitude_vector  [out]     (DoRA; [1, out, 1, ...] for a conv, [embedding_dim] for an embedding)
     lora_B.bias         [out]            (lora_bias=True: ``B(a·s) + b·s`` in the graph; linear and conv sites)
 
+**ALF's balanced conv** (``conv_reshape="balanced"``; fxpeft's own, not PEFT's). A conv weight
+``[out, in, k0, *k']`` (``k0`` the first kernel axis, ``k'`` the others: ``kw`` for a Conv2d, ``kh, kw`` for a Conv3d,
+none for a Conv1d) is seen as the matrix ``[out·k0, in·K']`` (``K' = prod(k')``) and decomposed there, so that a small
+``out`` no longer limits what the rank saves::
+
+    A [r, in·K']     B [out·k0, r]     (r·(in·K' + out·k0) parameters; standard LoRA: r·(in·k0·K' + out))
+    ΔW = s · (B @ A)  [out·k0, in·K']  -view->  [out, k0, in, *k']  -permute(0, 2, 1, 3, ...)->  [out, in, k0, *k']
+
+The graph never builds ΔW: the sum over the kernel splits into two convolutions, A along ``k'`` (kernel
+``[r, in, 1, *k']``, the base stride/padding/dilation on ``k'``'s axes, none on ``k0``'s) and then B along ``k0``
+(kernel ``[out, r, k0, 1, ...]``, the base's on ``k0``'s axis)::
+
+    a = conv(x, A.view(r, in, 1, *k'))                   [N, r, H, *spatial']   (every input row: B's taps read them)
+    y = y + conv(a·s, B.view(out, k0, r).permute(0, 2, 1).view(out, r, k0, 1, ...))
+
+exactly ``conv(x, ΔW)``. The merge folds ΔW (exact). Its files hold A and B as the matrices above under PEFT's
+key names, and ``"conv_reshape": "balanced"`` in ``adapter_config.json``: PEFT ignores that field (with a warning)
+and then refuses the tensors, whose shapes are not its conv LoRA's. DoRA, mixed batches and weighted merges are
+refused on it.
+
 ``bias="all"``/``"lora_only"`` train copies of base biases (:mod:`fxpeft.copies`, generic to every method).
 
 Initialisations (``init_lora_weights``), PEFT's maths on linear sites (``W`` is ``[out, in]``, fp32)::
@@ -71,6 +91,8 @@ from fxpeft.sites import Site
 from fxpeft.tags import Role
 from fxpeft.untrusted import compile_pattern, pattern_key_match
 
+from . import lora_parameters as _lp
+
 if TYPE_CHECKING:
     from fxpeft.combine import Combination
 
@@ -106,11 +128,19 @@ class LoraConfig(PeftConfigBase):
         keep_base_dtype: keep A and B in a bf16/fp16 base's dtype instead of fp32 (PEFT's default is fp32).
         trainable_token_indices: token ids whose embedding rows train beside LoRA: a list (the input embedding) or
             ``{module: [ids]}`` (:mod:`fxpeft.methods.trainable_tokens`, injected under the same adapter name).
+        target_parameters: parameters (paths, or dotted suffixes: ``["experts.gate_up_proj"]``) adapted before all
+            their uses, PEFT's ``ParamWrapper``: 2-D ``[out, in]`` or 3-D experts ``[E, out, in]`` (A ``[r·E, in]``, B
+            ``[out, r·E]``); no dropout, DoRA, lora_bias or fan_in_fan_out there (:mod:`fxpeft.methods.lora_parameters`,
+            which also adapts an ``nn.MultiheadAttention`` named in ``target_modules`` as PEFT does).
+        conv_reshape: ``"standard"`` (PEFT's conv LoRA) or ``"balanced"`` (ALF: conv sites decompose the weight
+            seen as ``[out·k0, in·K']``; the module docstring gives the maths). fxpeft's own: PEFT refuses its files.
 
     Example:
         >>> from fxpeft import LoraConfig
         >>> LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]).r
         8
+        >>> LoraConfig(r=4, target_modules=["conv1"], conv_reshape="balanced").conv_reshape
+        'balanced'
     """
 
     r: int = 8
@@ -125,6 +155,8 @@ class LoraConfig(PeftConfigBase):
     use_dora: bool = False
     lora_bias: bool = False
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    target_parameters: list[str] | None = None
+    conv_reshape: str = "standard"
 
 
 class LoraDropout(nn.Dropout):
@@ -256,13 +288,19 @@ class LoraAdapter(AdapterModule):
     method = "lora"
 
     def __init__(self, site: Site, adapter_name: str, r: int, lora_alpha: float, use_rslora: bool,
-                 dropout: float, dtype: torch.dtype, device: torch.device, use_dora: bool = False) -> None:
+                 dropout: float, dtype: torch.dtype, device: torch.device, use_dora: bool = False,
+                 balanced: bool = False) -> None:
         super().__init__(site.name, adapter_name)
         self.kind = site.kind
+        self.balanced = balanced and site.kind == "conv"  # ALF: A [r, in·K'], B [out·k0, r]
         self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
         self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         kw = dict(dtype=dtype, device=device)
-        if site.kind == "conv":
+        if self.balanced:
+            a_shape, b_shape = _balanced_shapes(site, r)
+            self.A = nn.Parameter(torch.empty(a_shape, **kw))
+            self.B = nn.Parameter(torch.empty(b_shape, **kw))
+        elif site.kind == "conv":
             ones = (1,) * len(site.kernel_size)
             self.A = nn.Parameter(torch.empty(r, site.in_features, *site.kernel_size, **kw))
             self.B = nn.Parameter(torch.empty(site.out_features, r, *ones, **kw))
@@ -308,6 +346,8 @@ class LoraAdapter(AdapterModule):
     def delta_weight(self, site: Site) -> torch.Tensor:
         """The fp32 update to the base weight, in the weight's own layout."""
         A, B, s = self.A.detach().float(), self.B.detach().float(), self.scaling
+        if self.balanced:
+            return _balanced_to_weight((B @ A) * s, site)
         if site.kind == "conv":
             # [out, r] @ [r, in*k] -> [out, in, *k]
             return (B.flatten(1) @ A.flatten(1)).view(site.out_features, site.in_features, *site.kernel_size) * s
@@ -317,6 +357,8 @@ class LoraAdapter(AdapterModule):
     def add_delta(self, site: Site, weight: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
         """``weight ± ΔW`` (fp32) in one multiply-add, with no ΔW temporary: the merge's fold and unfold."""
         A, B, alpha = self.A.detach().float(), self.B.detach().float(), sign * self.scaling
+        if self.balanced:  # ΔW is a permuted view of B @ A: no addmm into the weight's layout
+            return weight + _balanced_to_weight(B @ A, site) * alpha
         if site.kind == "conv":  # [out, in·k] + [out, r] @ [r, in·k], seen back as [out, in, *k]
             return torch.addmm(weight.flatten(1), B.flatten(1), A.flatten(1), alpha=alpha).view(weight.shape)
         if site.kind == "embedding" or site.fan_in_fan_out:  # stored transposed: ΔWᵀ = Aᵀ @ Bᵀ
@@ -330,6 +372,8 @@ class LoraAdapter(AdapterModule):
             UnsupportedSiteError: an output's base weight is all zeros (PEFT divides by its zero norm: NaN).
         """
         nd = _norm_dtype(self.A.dtype)
+        if weight.is_meta:  # a rewrite before the weights are loaded: load_weights replays this on the real weight
+            return
         with torch.no_grad():
             w = weight.detach()
             w = w.to(nd) if w.dtype != nd else w
@@ -361,7 +405,50 @@ class LoraAdapter(AdapterModule):
         return adapted * (m / norm).view(shape)
 
 
+def _balanced_shapes(site: Site, r: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """ALF's A ``[r, in·K']`` and B ``[out·k0, r]`` for a conv with kernel ``(k0, *k')``, ``K' = prod(k')``."""
+    k0, *rest = site.kernel_size
+    return (r, site.in_features * math.prod(rest)), (site.out_features * k0, r)
+
+
+def _balanced_to_weight(m: torch.Tensor, site: Site) -> torch.Tensor:
+    """ALF's matrix ``[out·k0, in·K']`` in the conv weight's layout ``[out, in, k0, *k']`` (a permuted view)."""
+    k0, *rest = site.kernel_size
+    m = m.view(site.out_features, k0, site.in_features, *rest)  # [out, k0, in, *k']
+    return m.permute(0, 2, 1, *range(3, m.dim()))  # [out, in, k0, *k']
+
+
+def _conv_op(site: Site):
+    """The aten conv of the site's rank, and its overload for the site's padding (a string, or per-axis ints)."""
+    op = {1: aten.conv1d, 2: aten.conv2d, 3: aten.conv3d}[len(site.kernel_size)]
+    return op.padding if isinstance(site.padding, str) else op.default
+
+
+def _balanced_down(emit: Emit, site: Site, A: fx.Node, x: fx.Node) -> fx.Node:
+    """ALF's first conv: A along the kernel axes ``k'`` only, the base's windows there; every position along
+    ``k0``'s axis (B's taps gather them, with the base's stride, padding and dilation on that axis)."""
+    _, *rest = site.kernel_size
+    kernel = emit.op(aten.view.default, A, [-1, site.in_features, 1, *rest], label="A_kernel")  # [r, in, 1, *k']
+    pad = site.padding if isinstance(site.padding, str) else [0, *site.padding[1:]]
+    return emit.op(_conv_op(site), x, kernel, None, [1, *site.stride[1:]], pad, [1, *site.dilation[1:]], 1,
+                   role=Role.DOWN)  # [N, r, H, *spatial']
+
+
+def _balanced_up(emit: Emit, site: Site, B: fx.Node, a: fx.Node, bias: fx.Node | None) -> fx.Node:
+    """ALF's second conv: B's ``k0`` taps along the first kernel axis (the base's stride, padding, dilation there)."""
+    k0, *rest = site.kernel_size
+    kernel = emit.op(aten.view.default, B, [site.out_features, k0, -1], label="B_taps")  # [out·k0, r] -> [out, k0, r]
+    kernel = emit.op(aten.permute.default, kernel, [0, 2, 1], label="B_taps_t")  # [out, r, k0]
+    kernel = emit.op(aten.reshape.default, kernel, [site.out_features, -1, k0, *(1,) * len(rest)],
+                     label="B_kernel")  # [out, r, k0, 1, ...]
+    pad = site.padding if isinstance(site.padding, str) else [site.padding[0], *(0,) * len(rest)]
+    ones = [1] * len(rest)
+    return emit.op(_conv_op(site), a, kernel, bias, [site.stride[0], *ones], pad, [site.dilation[0], *ones], 1,
+                   role=Role.UP)  # [N, out, *spatial]
+
+
 _KEYS = {"linear": ("lora_A.weight", "lora_B.weight"), "conv": ("lora_A.weight", "lora_B.weight"),
+         "parameter": ("lora_A.weight", "lora_B.weight"),
          "embedding": ("lora_embedding_A", "lora_embedding_B")}
 _CONVERT = ("rewrites the base weights; convert the trained adapter with PEFT (save_pretrained(..., "
             "path_initial_model_for_weight_conversion=...)) and load that plain LoRA")
@@ -377,7 +464,7 @@ _REFUSED_INITS = {"corda": "CorDA needs calibration activations and " + _CONVERT
 _VARIANT_FIELDS = {"megatron_config": "Megatron-LM tensor-parallel LoRA layers", "loftq_config": "LoftQ",
                   "eva_config": "EVA", "corda_config": "CorDA", "lora_ga_config": "LoRA-GA", "velora_config": "VeLoRA",
                   "alora_invocation_tokens": "aLoRA", "use_qalora": "QALoRA", "monteclora_config": "MonteCLoRA",
-                  "layer_replication": "layer replication", "target_parameters": "LoRA on nn.Parameter",
+                  "layer_replication": "layer replication", 
                   "use_bdlora": "BD-LoRA", "arrow_config": "Arrow routing", "kasa_config": "KaSA",
                   "ensure_weight_tying": "tied adapters on tied layers"}
 
@@ -493,6 +580,8 @@ class Lora(Method):
                        "gpt2": ["c_attn"], "bert": ["query", "value"], "roberta": ["query", "value"],
                        "opt": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"], "t5": ["q", "v"]}
     peft_default_table = "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING"
+    #: "parameter": a parameter adapted before all its uses, chosen by ``target_parameters`` (lora_parameters.py)
+    site_kinds = frozenset({"linear", "conv", "embedding", "parameter"})
     peft_fields = frozenset({"megatron_core", "megatron_config", "qalora_group_size", "loftq_config",
                              "ensure_weight_tying", "eva_config", "corda_config", "lora_ga_config", "runtime_config",
                              "lora_bias", "layers_to_transform", "layers_pattern", "modules_to_save",
@@ -525,9 +614,16 @@ class Lora(Method):
                               f"PEFT), not with use_dora={config.use_dora!r}, init_lora_weights={config.init_lora_weights!r}")
         if not isinstance(config.use_dora, bool):
             raise ConfigError(f"use_dora must be True or False, got {config.use_dora!r}")
+        if config.conv_reshape not in ("standard", "balanced"):
+            raise ConfigError(f"conv_reshape={config.conv_reshape!r} is not supported; use 'standard' (PEFT's conv "
+                              "LoRA) or 'balanced' (ALF)")
+        if config.conv_reshape == "balanced" and config.use_dora:
+            raise ConfigError("conv_reshape='balanced' with use_dora=True is not supported: DoRA's norm is written "
+                              "for PEFT's conv factors; use one of them")
         from .trainable_tokens import check_trainable_token_indices
 
         check_trainable_token_indices(config.trainable_token_indices)
+        _lp.validate_parameter_config(config)  # target_parameters: what PEFT's ParamWrapper refuses
 
     @classmethod
     def companions(cls, config: LoraConfig) -> list[Any]:
@@ -536,7 +632,18 @@ class Lora(Method):
         return token_companions(config.trainable_token_indices, config.keep_base_dtype)
 
     @classmethod
+    def select_sites(cls, gm: fx.GraphModule, config: LoraConfig, sites: dict[str, Site], select) -> list[Site]:
+        # target_parameters, and nn.MultiheadAttention as PEFT adapts it (lora_parameters.py)
+        return _lp.select_sites(config, sites, select)
+
+    @classmethod
+    def file_names(cls, gm: fx.GraphModule, sites: list[Site]) -> dict[str, str]:
+        return _lp.file_names(gm, sites)  # PEFT nests several parameters of one module: <module>.base_layer...
+
+    @classmethod
     def check_site(cls, site: Site, config: LoraConfig) -> str | None:
+        if site.kind == "parameter":
+            return _lp.check_parameter_site(site)
         if site.kind == "conv" and site.groups != 1:
             return f"grouped convolution (groups={site.groups}) is not supported by LoRA"
         if site.kind == "embedding" and getattr(config, "lora_bias", False):
@@ -575,8 +682,16 @@ class Lora(Method):
     @classmethod
     def build(cls, site: Site, config: LoraConfig, adapter_name: str, weight: torch.Tensor) -> LoraAdapter:
         r, alpha = cls._rank_alpha(config, site)
+        if site.kind == "parameter":  # A [r·E, in], B [out, r·E]: rank r per expert
+            adapter = LoraAdapter(site, adapter_name, r * _lp.num_experts(site), alpha, config.use_rslora, 0.0,
+                                  adapter_dtype(weight, config.keep_base_dtype), weight.device)
+            _lp.setup_parameter_adapter(adapter, site, r, config)
+            adapter.reset_parameters(config.init_lora_weights)
+            adapter.file_init = _file_init(config.init_lora_weights)
+            return adapter
         adapter = LoraAdapter(site, adapter_name, r, alpha, config.use_rslora, config.lora_dropout,
-                              adapter_dtype(weight, config.keep_base_dtype), weight.device, use_dora=config.use_dora)
+                              adapter_dtype(weight, config.keep_base_dtype), weight.device, use_dora=config.use_dora,
+                              balanced=config.conv_reshape == "balanced")
         init = config.init_lora_weights
         if _init_kind(init) == "plain":
             adapter.reset_parameters(init)
@@ -596,6 +711,8 @@ class Lora(Method):
 
     @classmethod
     def insert(cls, emit: Emit, site: Site, adapter: LoraAdapter) -> None:
+        if site.kind == "parameter":
+            return _lp.insert_parameter(emit, site, adapter)
         x, y = emit.call.input, emit.call.node
         base_dtype = emit.gm.get_parameter(site.weight).dtype
         cast = adapter.A.dtype != base_dtype
@@ -609,7 +726,9 @@ class Lora(Method):
                 x = emit.cast(x, adapter.A.dtype)
             if hasattr(adapter, "dropout"):
                 x = emit.module("dropout", x, role=Role.DROPOUT)
-            if site.kind == "conv":
+            if adapter.balanced:
+                a = _balanced_down(emit, site, A, x)
+            elif site.kind == "conv":
                 # A sees exactly the windows the base kernel sees: same stride, padding and dilation.
                 op = {1: aten.conv1d, 2: aten.conv2d, 3: aten.conv3d}[len(site.kernel_size)]
                 pad = site.padding if isinstance(site.padding, str) else list(site.padding)
@@ -626,7 +745,9 @@ class Lora(Method):
             g, weight = cls._dora_scale(emit, site, adapter, base_dtype)
             B = emit.op(aten.mul.Tensor, B, emit.op(aten.view.default, g, [-1] + [1] * (adapter.B.dim() - 1),
                                                     label="g_column"), label="gB")
-        if site.kind == "conv":
+        if adapter.balanced:
+            b = _balanced_up(emit, site, B, a, up_bias[0] if up_bias else None)
+        elif site.kind == "conv":
             op = {1: aten.conv1d, 2: aten.conv2d, 3: aten.conv3d}[len(site.kernel_size)]
             b = emit.op(op.default, a, B, *up_bias, role=Role.UP)  # 1x1: [N, out, *spatial]
         else:
@@ -730,12 +851,16 @@ class Lora(Method):
 
     @classmethod
     def fold(cls, adapter: LoraAdapter, site: Site, weight: torch.Tensor, bias: torch.Tensor | None):
+        if site.kind == "parameter":
+            return weight + _lp.parameter_delta(adapter, site), bias
         if adapter.use_dora:
             return adapter.dora_fold(site, weight), bias
         return adapter.add_delta(site, weight), _bias_fold(adapter, bias, 1.0)
 
     @classmethod
     def unfold(cls, adapter: LoraAdapter, site: Site, weight: torch.Tensor, bias: torch.Tensor | None):
+        if site.kind == "parameter":
+            return weight - _lp.parameter_delta(adapter, site), bias
         if adapter.use_dora:
             return adapter.dora_fold(site, weight, undo=True), bias
         return adapter.add_delta(site, weight, -1.0), _bias_fold(adapter, bias, -1.0)
@@ -746,8 +871,15 @@ class Lora(Method):
         # Row b uses slot index[b]: each slot's A and B are padded to the largest rank (zero rows add nothing),
         # stacked, and gathered per row, so the matmuls cost one adapter's rank per token, whatever the count.
         present = [m for m in slots if m is not None]
+        if site.kind == "parameter":
+            raise UnsupportedSiteError(f"LoRA on parameter {site.weight!r} has no mixed-batch form (a batch row cannot "
+                                       "pick its own weight); serve one adapter at a time (fxpeft.set_adapter) or merge")
         dora = [m.adapter_name for m in present if m.use_dora]
         biased = [m.adapter_name for m in present if hasattr(m, "B_bias")]
+        balanced = [m.adapter_name for m in present if m.balanced]
+        if balanced:
+            raise UnsupportedSiteError(f"adapter(s) {balanced} use conv_reshape='balanced' at {site.name!r}, which has "
+                                       "no mixed-batch form; serve them one at a time (fxpeft.set_adapter) or merge them")
         if biased:
             raise UnsupportedSiteError(f"adapter(s) {biased} use lora_bias at {site.name!r}, which has no mixed-batch "
                                        "form yet; serve them one at a time (fxpeft.set_adapter) or merge them")
@@ -800,8 +932,12 @@ class Lora(Method):
     @classmethod
     def site_shapes(cls, config: LoraConfig, site: Site) -> dict[str, tuple[int, ...]]:
         r, _ = cls._rank_alpha(config, site)
+        if site.kind == "parameter":
+            return _lp.parameter_shapes(config, site, r)
         a, b = _KEYS[site.kind]
-        if site.kind == "conv":
+        if site.kind == "conv" and config.conv_reshape == "balanced":
+            shapes = dict(zip((a, b), _balanced_shapes(site, r)))
+        elif site.kind == "conv":
             ones = (1,) * len(site.kernel_size)
             shapes = {a: (r, site.in_features, *site.kernel_size), b: (site.out_features, r, *ones)}
         else:
@@ -814,6 +950,8 @@ class Lora(Method):
 
     @classmethod
     def site_tensors(cls, adapter: LoraAdapter, site: Site) -> dict[str, torch.Tensor]:
+        if site.kind == "parameter":
+            return _lp.parameter_tensors(adapter)
         a, b = _KEYS[site.kind]  # only the adapter's rank: rows past it are room for a hot-swap
         tensors = {a: adapter.A.detach()[: adapter.r], b: adapter.B.detach()[:, : adapter.r]}
         if adapter.use_dora:
@@ -841,6 +979,7 @@ class Lora(Method):
 
     @classmethod
     def prepare_swap(cls, adapter: LoraAdapter, site: Site, capacity: int | None) -> None:
+        _lp.refuse_parameter_sites({site.name: site}, [site.name], "hot-swapping")
         # Zero rows of A and zero columns of B add nothing: the outputs stay, the room grows to ``capacity``.
         extra = (capacity or adapter.r) - adapter.A.shape[0]
         if extra <= 0:
@@ -852,12 +991,17 @@ class Lora(Method):
 
     @classmethod
     def swap_in(cls, adapter: LoraAdapter, site: Site, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> None:
+        _lp.refuse_parameter_sites({site.name: site}, [site.name], "hot-swapping")
         a, b = _KEYS[site.kind]
         r, alpha = cls._rank_alpha(config, site)
         room = adapter.A.shape[0]
         if config.use_dora != adapter.use_dora:
             raise AdapterFileError(f"{site.name}: the file has use_dora={config.use_dora}, the adapter "
                                    f"use_dora={adapter.use_dora}; a hot-swap keeps the variant: use load_adapter")
+        if site.kind == "conv" and (config.conv_reshape == "balanced") != adapter.balanced:
+            raise AdapterFileError(f"{site.name}: the file has conv_reshape={config.conv_reshape!r}, the adapter "
+                                   f"{'balanced' if adapter.balanced else 'standard'}; a hot-swap keeps the variant: "
+                                   "use load_adapter")
         file_init, own_init = _file_init(config.init_lora_weights), getattr(adapter, "file_init", True)
         residual = {_init_kind(file_init), _init_kind(own_init)} & {"pissa", "olora"}
         if file_init != own_init or residual and (str(file_init).startswith("pissa_niter_") or
@@ -886,12 +1030,13 @@ class Lora(Method):
     @classmethod
     def site_settings(cls, config: LoraConfig, site: Site) -> dict[str, Any]:
         r, alpha = cls._rank_alpha(config, site)
-        return {"r": r, "alpha": alpha, "use_dora": config.use_dora, "init": _file_init(config.init_lora_weights)}
+        return {"r": r, "alpha": alpha, "use_dora": config.use_dora, "init": _file_init(config.init_lora_weights),
+                "balanced": site.kind == "conv" and config.conv_reshape == "balanced"}
 
     @classmethod
     def adapter_settings(cls, adapter: LoraAdapter) -> dict[str, Any]:
         return {"r": adapter.r, "alpha": adapter.lora_alpha, "use_dora": adapter.use_dora,
-                "init": getattr(adapter, "file_init", True)}
+                "init": getattr(adapter, "file_init", True), "balanced": adapter.balanced}
 
     @classmethod
     def config_fields(cls, adapters: dict[str, LoraAdapter], sites: dict[str, Site], keys_for,
@@ -909,15 +1054,21 @@ class Lora(Method):
         if len(inits) > 1:
             raise AdapterFileError(f"the adapter's sites disagree on init_lora_weights ({sorted(map(str, inits))}); one "
                                    "PEFT config has one init_lora_weights")
+        balanced = {m.balanced for n, m in adapters.items() if sites[n].kind == "conv"}
+        if len(balanced) > 1:
+            raise AdapterFileError("the adapter's conv sites disagree on conv_reshape; one config has one conv_reshape")
+        # only a balanced adapter writes the field: PEFT warns about any field it does not know
+        reshape = {"conv_reshape": "balanced"} if balanced == {True} else {}
         r = Counter(m.r for m in adapters.values()).most_common(1)[0][0]
         alpha = Counter(m.lora_alpha for m in adapters.values()).most_common(1)[0][0]
         dropouts = [getattr(getattr(m, "dropout", None), "p", 0.0) for m in adapters.values()]
-        return {"r": r, "lora_alpha": alpha, "lora_dropout": Counter(dropouts).most_common(1)[0][0],
+        fields = {"r": r, "lora_alpha": alpha, "lora_dropout": Counter(dropouts).most_common(1)[0][0],
                 "use_rslora": rslora.pop(), "init_lora_weights": inits.pop(), "bias": "none", "use_dora": dora.pop(),
                 "lora_bias": lora_bias.pop(), "layers_to_transform": None, "layers_pattern": None,
                 "fan_in_fan_out": any(sites[n].module_type == "Conv1D" for n in adapters),
                 "rank_pattern": keys_for({n: m.r for n, m in adapters.items()}, r),
-                "alpha_pattern": keys_for({n: m.lora_alpha for n, m in adapters.items()}, alpha)}
+                "alpha_pattern": keys_for({n: m.lora_alpha for n, m in adapters.items()}, alpha), **reshape}
+        return _lp.parameter_config_fields(fields, sites, list(adapters), target_modules)  # target_parameters
 
     @classmethod
     def differs_in_peft(cls, site: Site) -> str | None:
@@ -945,6 +1096,8 @@ class Lora(Method):
         if isinstance(init, str) and init in _REFUSED_INITS:
             raise AdapterFileError(f"the adapter sets init_lora_weights={init!r}, which fxpeft does not compute: "
                                    f"{_REFUSED_INITS[init]}")
+        if fields.get("target_modules") is None and fields.get("target_parameters"):
+            fields["target_modules"] = []  # parameters only
         return config_from_fields(cls, fields)  # PiSSA/OLoRA re-run on load, as in PEFT: the base becomes the residual
 
     # ---------------------------------------------------------------------------------- weighted merges
@@ -959,7 +1112,12 @@ class Lora(Method):
         ``lora_alpha = r`` without rsLoRA: scaling 1, whatever ``use_rslora`` the sources have (PEFT copies the
         first source's flag, and is then ``sqrt(r)`` too large). Dropout and dtype follow the first source.
         """
+        _lp.refuse_parameter_sites(sites, [n for src in sources for n in src], "add_weighted_adapter")
         biased = sorted({m.adapter_name for src in sources for m in src.values() if hasattr(m, "B_bias")})
+        balanced = sorted({m.adapter_name for src in sources for m in src.values() if m.balanced})
+        if balanced:
+            raise ConfigError(f"adapter(s) {balanced} use conv_reshape='balanced'; add_weighted_adapter combines "
+                              "adapters without it")
         if biased:
             raise ConfigError(f"adapter(s) {biased} use lora_bias; add_weighted_adapter combines adapters without it")
         dora = sorted({m.adapter_name for src in sources for m in src.values() if m.use_dora})

@@ -232,3 +232,77 @@ def test_unpicklable_model_raises_fxpeft_error():
     with pytest.raises(fxpeft.FxPeftError, match="save_adapter"):
         torch.save(gm, io.BytesIO())
     assert isinstance(SerializationError("x"), fxpeft.FxPeftError)
+
+
+# ------------------------------------------------------------------------------------ deferred code generation
+
+def _deferred_mlp(**kw):
+    from fxpeft.serialize import codegen_deferred
+
+    torch.manual_seed(0)
+    gm = fxpeft.rewrite(fxpeft.trace(MLP()), fxpeft.LoraConfig(r=2, target_modules=["fc1", "fc2"],
+                                                               init_lora_weights=False, **kw))
+    assert codegen_deferred(gm)  # the rewrite itself generates no code
+    return gm
+
+
+def test_rewrite_defers_codegen_to_the_first_call_and_hooks_fire_once():
+    from fxpeft.serialize import codegen_deferred
+
+    gm, x = _deferred_mlp(), torch.randn(3, 8)
+    eager = fxpeft.rewrite(fxpeft.trace(MLP()), fxpeft.LoraConfig(r=2, target_modules=["fc1", "fc2"]))
+    eager.load_state_dict(gm.state_dict())
+    eager.recompile()
+    calls = []
+    gm.register_forward_pre_hook(lambda mod, args: calls.append("pre"))
+    gm.register_forward_hook(lambda mod, args, out: calls.append("post"))
+    assert torch.equal(gm(x), eager(x)) and calls == ["pre", "post"]
+    assert not codegen_deferred(gm) and gm.code == eager.code and "lora" in gm.code
+
+
+@pytest.mark.parametrize("read", ["code", "str", "pickle", "deepcopy", "signature"])
+def test_every_reader_of_deferred_code_sees_the_rewritten_graph(read):
+    import inspect
+
+    gm, x = _deferred_mlp(), torch.randn(3, 8)
+    if read == "code":
+        out = gm.code
+        assert "lora" in out
+    elif read == "str":
+        assert "lora" in str(gm)
+    elif read == "signature":
+        assert list(inspect.signature(gm.forward).parameters) == ["x"]
+    else:
+        if read == "pickle":
+            f = io.BytesIO()
+            torch.save(gm, f)
+            f.seek(0)
+            back = torch.load(f, weights_only=False)
+        else:
+            back = copy.deepcopy(gm)
+        assert torch.equal(back(x), gm(x)) and back.code == gm.code
+    assert "lora" in gm.code
+
+
+def test_deferred_graph_under_torch_compile_has_no_graph_break():
+    gm, x = _deferred_mlp(), torch.randn(3, 8)
+    graphs = []
+
+    def counter(g, example_inputs):
+        graphs.append(g)
+        return g
+
+    compiled = torch.compile(gm, backend=counter, fullgraph=True)
+    assert torch.equal(compiled(x), gm(x)) and len(graphs) == 1
+
+
+def test_failed_rewrite_on_a_deferred_graph_keeps_it_deferred_and_unchanged():
+    from fxpeft.serialize import codegen_deferred
+
+    gm = _deferred_mlp()
+    nodes = [(n.name, n.op, n.target) for n in gm.graph.nodes]
+    with pytest.raises(fxpeft.errors.AdapterExistsError):
+        fxpeft.rewrite(gm, fxpeft.LoraConfig(r=2, target_modules=["fc1"]))
+    assert codegen_deferred(gm) and [(n.name, n.op, n.target) for n in gm.graph.nodes] == nodes
+    fxpeft.rewrite(gm, fxpeft.LoraConfig(r=2, target_modules=["fc1"]), adapter_name="other")
+    assert codegen_deferred(gm) and "lora_other" in gm.code  # a second rewrite still generated nothing

@@ -3,15 +3,18 @@ then rewrite: the same outputs as tracing the real model; typed errors that leav
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 
 import pytest
 import torch
-from conftest import out_tensor
+from conftest import out_tensor, run_graph, traced_base, traced_copy
 
 import fxpeft
 from fxpeft import zoo
+from fxpeft.tags import graph_info, set_graph_info
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -144,10 +147,146 @@ def test_a_failure_while_reading_puts_every_tensor_back(tmp_path, monkeypatch):
     assert len(reads) == 6 and sorted(fxpeft.meta_tensors(gm)) == before
 
 
-def test_adapters_built_on_meta_are_refused_with_the_order_to_follow(tmp_path):
-    _, empty, kw = _llama_pair(tmp_path)
-    gm = fxpeft.rewrite(fxpeft.trace(empty, (), kw), fxpeft.LoraConfig(r=2, target_modules=["q_proj"]))
-    before = sorted(fxpeft.meta_tensors(gm))
-    with pytest.raises(fxpeft.WeightsError, match="load the base weights first, then rewrite"):
-        fxpeft.load_weights(gm, tmp_path)
-    assert sorted(fxpeft.meta_tensors(gm)) == before
+# ---------------------------------------------------------------------------------------- rewrite before load
+
+
+@pytest.fixture(scope="module")
+def llama_ckpt(tmp_path_factory):
+    """traced_base("llama")'s model saved as a checkpoint, and a graph of the same config traced on meta weights."""
+    model, _, kw, _ = traced_base("llama")
+    d = tmp_path_factory.mktemp("llama")
+    model.save_pretrained(d, safe_serialization=True, max_shard_size="200KB")
+    with fxpeft.empty_weights():
+        empty = type(model)(model.config).eval()
+    return d, fxpeft.trace(empty, (), kw)
+
+
+def _adapters(gm) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in gm.state_dict().items() if any(m in k for m in ("lora_", "vera_", "copy_", "fxpeft_"))}
+
+
+def _rewrite(gm, cfgs, seed=3):
+    torch.manual_seed(seed)
+    for i, cfg in enumerate(cfgs):
+        fxpeft.rewrite(gm, cfg, adapter_name="default" if i == 0 else f"a{i}")
+    return gm
+
+
+_CASES = {
+    "lora-gaussian+second-adapter": [fxpeft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                       init_lora_weights="gaussian"),
+                                     fxpeft.LoraConfig(r=2, target_modules=["up_proj"], init_lora_weights="gaussian")],
+    "vera-shared-state": [fxpeft.VeraConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False)],
+    "modules-to-save": [fxpeft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"],
+                                          init_lora_weights=False)],
+    "pissa-base-update": [fxpeft.LoraConfig(r=4, target_modules=["q_proj", "o_proj"], init_lora_weights="pissa")],
+    "dora-magnitude": [fxpeft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True, init_lora_weights=False)],
+}
+
+
+@pytest.mark.parametrize("case", list(_CASES))
+def test_rewrite_before_load_gives_the_adapters_a_loaded_rewrite_gives(llama_ckpt, case):
+    d, meta_base = llama_ckpt
+    gm = _rewrite(copy.deepcopy(meta_base), _CASES[case])
+    assert [b.adapter for b in graph_info(gm).pending_builds] == ["default", "a1"][:len(_CASES[case])]
+    torch.manual_seed(11)
+    fxpeft.load_weights(gm, d)
+    assert torch.equal(torch.random.get_rng_state(), torch.manual_seed(11).get_state())  # the caller's RNG kept
+    assert fxpeft.meta_tensors(gm) == [] and graph_info(gm).pending_builds == ()
+    real = _rewrite(traced_copy("llama"), _CASES[case])
+    ours, want = _adapters(gm), _adapters(real)
+    assert ours.keys() == want.keys() and ours
+    # DoRA's magnitude is a norm of the loaded weight: equal to an ulp (6e-8), not bit for bit
+    same = (lambda a, b: torch.allclose(a, b, rtol=1e-6, atol=0)) if case == "dora-magnitude" else torch.equal
+    for k in want:
+        assert same(ours[k], want[k]), k
+    assert gm.state_dict().keys() == real.state_dict().keys()
+    assert all(same(v, real.state_dict()[k]) for k, v in gm.state_dict().items())  # PiSSA's residual too
+    assert {n for n, p in gm.named_parameters() if p.requires_grad} == \
+        {n for n, p in real.named_parameters() if p.requires_grad}
+    assert same(run_graph(gm, "llama"), run_graph(real, "llama"))
+    if case == "modules-to-save":  # init_lora_weights=False draws B too: the outputs really left the base
+        assert not torch.equal(run_graph(gm, "llama"), run_graph(traced_base("llama")[3], "llama"))
+
+
+def test_adapters_switched_off_or_deleted_before_loading_stay_so(llama_ckpt):
+    d, meta_base = llama_ckpt
+    gm = _rewrite(copy.deepcopy(meta_base), _CASES["lora-gaussian+second-adapter"][:1])
+    fxpeft.disable_adapters(gm)
+    fxpeft.load_weights(gm, d)
+    assert torch.equal(run_graph(gm, "llama"), run_graph(traced_base("llama")[3], "llama"))
+    # deleted before loading: the draws and PiSSA's residual happen as they would on the loaded graph
+    cfgs = [_CASES["pissa-base-update"][0], fxpeft.LoraConfig(r=2, target_modules=["k_proj"], init_lora_weights=False)]
+    graphs = [_rewrite(copy.deepcopy(meta_base), cfgs), _rewrite(traced_copy("llama"), cfgs)]
+    for g in graphs:
+        fxpeft.set_adapter(g, "a1")
+        fxpeft.delete_adapter(g, "default")
+    fxpeft.load_weights(graphs[0], d)
+    assert torch.equal(run_graph(graphs[0], "llama"), run_graph(graphs[1], "llama"))
+
+
+def test_running_a_graph_on_meta_weights_is_a_weights_error_until_loaded(llama_ckpt):
+    d, meta_base = llama_ckpt
+    import pickle
+
+    for gm in (copy.deepcopy(meta_base), pickle.loads(pickle.dumps(meta_base))):
+        with pytest.raises(fxpeft.WeightsError, match=r"fxpeft.load_weights\(gm, directory\)"):
+            run_graph(gm, "llama")
+    fxpeft.load_weights(gm, d)
+    assert not gm._forward_pre_hooks  # the guard is gone: a loaded graph pays nothing per call
+    assert torch.equal(run_graph(gm, "llama"), run_graph(traced_base("llama")[3], "llama"))
+    assert not traced_base("llama")[3]._forward_pre_hooks  # a graph traced on real weights never had one
+
+
+def test_a_failure_mid_replay_leaves_the_graph_as_it_was(llama_ckpt, monkeypatch):
+    d, meta_base = llama_ckpt
+    gm = _rewrite(copy.deepcopy(meta_base), [*_CASES["lora-gaussian+second-adapter"],
+                                             fxpeft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa")])
+    code, meta, pending = gm.code, sorted(fxpeft.meta_tensors(gm)), graph_info(gm).pending_builds
+    from fxpeft.passes import inject
+
+    real_build, calls = inject.build_adapters, []
+
+    def failing(*a, **k):
+        calls.append(a[3])
+        if len(calls) == 3:  # after two adapters (and the first's values) went in
+            raise RuntimeError("out of memory")
+        return real_build(*a, **k)
+
+    monkeypatch.setattr(inject, "build_adapters", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        fxpeft.load_weights(gm, d)
+    assert calls == ["default", "a1", "a2"]
+    assert gm.code == code and sorted(fxpeft.meta_tensors(gm)) == meta and graph_info(gm).pending_builds == pending
+    monkeypatch.undo()
+    fxpeft.load_weights(gm, d)  # and it loads afterwards, as if nothing had happened
+    real = _rewrite(traced_copy("llama"), [*_CASES["lora-gaussian+second-adapter"],
+                                           fxpeft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa")])
+    assert torch.equal(run_graph(gm, "llama"), run_graph(real, "llama"))
+
+
+def test_a_partly_loaded_graph_is_refused_and_a_record_less_meta_adapter_too(llama_ckpt):
+    d, meta_base = llama_ckpt
+    gm = copy.deepcopy(meta_base)
+    q = gm.get_submodule("model.layers.0.self_attn.q_proj")
+    q.weight = torch.nn.Parameter(torch.zeros(q.weight.shape), requires_grad=False)
+    before = gm.code
+    with pytest.raises(fxpeft.WeightsError, match="or none before the rewrite"):
+        fxpeft.rewrite(gm, fxpeft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert gm.code == before
+    gm = _rewrite(copy.deepcopy(meta_base), [fxpeft.LoraConfig(r=2, target_modules=["q_proj"])])
+    set_graph_info(gm, dataclasses.replace(graph_info(gm), pending_builds=()))  # a graph that lost its records
+    with pytest.raises(fxpeft.WeightsError, match="no record of how they were built"):
+        fxpeft.load_weights(gm, d)
+    assert graph_info(gm).pending_builds == () and fxpeft.meta_tensors(gm)
+
+
+def test_loading_an_adapter_file_onto_meta_weights_is_refused(llama_ckpt, tmp_path):
+    _, meta_base = llama_ckpt
+    real = _rewrite(traced_copy("llama"), _CASES["modules-to-save"])
+    fxpeft.save_adapter(real, tmp_path)
+    gm = copy.deepcopy(meta_base)
+    before = gm.code, sorted(gm.state_dict())
+    with pytest.raises(fxpeft.WeightsError, match="load_weights"):  # its values would land in tensors holding none
+        fxpeft.load_adapter(gm, tmp_path)
+    assert (gm.code, sorted(gm.state_dict())) == before
