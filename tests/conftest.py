@@ -95,6 +95,25 @@ def traced_copy(name: str):
     return copy.deepcopy(traced_base(name)[3])
 
 
+def lm_train_losses(gm, name: str = "llama", steps: int = 4, lr: float = 1e-2) -> list[float]:
+    """Train ``gm`` (a zoo LM's graph) in train mode with AdamW on next-token prediction of :func:`traced_base`'s
+    ids; the loss of each step."""
+    import torch.nn.functional as F
+
+    ids = traced_base(name)[2]["input_ids"]
+    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=lr)
+    gm.train()
+    losses = []
+    for _ in range(steps):
+        logits = gm(input_ids=ids).logits  # [B, T, V]: position t predicts token t+1
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 @torch.no_grad()
 def run_graph(gm, name: str) -> torch.Tensor:
     """A graph's main output on :func:`traced_base`'s inputs (``use_cache`` is the traced model's flag, not an input)."""

@@ -6,10 +6,10 @@ import doctest
 import importlib
 import pkgutil
 
+import fxpeft.passes
 import pytest
 
 import fxpeft
-import fxpeft.passes
 
 # fxpeft.passes ships from passes/ (setuptools package-dir), so it is walked on its own.
 MODULES = sorted(({m.name for m in pkgutil.walk_packages(fxpeft.__path__, "fxpeft.")}

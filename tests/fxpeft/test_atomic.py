@@ -16,7 +16,14 @@ import threading
 import pytest
 
 import fxpeft.atomic
-from fxpeft.atomic import LOCK_NAME, MANIFEST_NAME, TMP_PREFIX, commit_files, read_lock, verify_files
+from fxpeft.atomic import (
+    LOCK_NAME,
+    MANIFEST_NAME,
+    TMP_PREFIX,
+    commit_files,
+    read_lock,
+    verify_files,
+)
 from fxpeft.errors import AdapterFileError
 
 fcntl = pytest.importorskip("fcntl")  # the locking tests are posix-only, as the locks are

@@ -14,9 +14,15 @@ from conftest import (
     assert_unchanged,
     out_tensor,
     rel_err,
-    run_model as _run_model,
     snapshot,
+)
+from conftest import (
+    run_model as _run_model,
+)
+from conftest import (
     traced_base as _base,
+)
+from conftest import (
     traced_copy as _graph,
 )
 from safetensors.torch import load_file, save_file

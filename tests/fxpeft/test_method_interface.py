@@ -13,7 +13,16 @@ from conftest import out_tensor, rel_err
 from torch import nn
 
 import fxpeft
-from fxpeft import AdapterModule, Emit, Method, PeftConfigBase, PeftRegistry, Role, Site, zoo
+from fxpeft import (
+    AdapterModule,
+    Emit,
+    Method,
+    PeftConfigBase,
+    PeftRegistry,
+    Role,
+    Site,
+    zoo,
+)
 
 aten = torch.ops.aten
 

@@ -16,14 +16,13 @@ import textwrap
 
 import pytest
 import torch
+from conftest import out_tensor, rel_err
 from torch import nn
 
 import fxpeft
 import fxpeft.zoo
 from fxpeft.serialize import SerializationError
 from fxpeft.tags import get_tag, graph_info
-
-from conftest import out_tensor, rel_err
 
 
 class MLP(nn.Module):  # module level: a symbolic_trace graph keeps the model's own modules, pickled by reference

@@ -8,7 +8,6 @@ import os
 
 import pytest
 import torch
-
 from conftest import assert_unchanged, rel_err, snapshot
 
 import fxpeft
@@ -17,6 +16,7 @@ from fxpeft.zoo import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 from fxpeft.trainer import FxPeftTrainer  # noqa: E402  (needs transformers)
+
 VOCAB, SEQ, STEPS = 64, 8, 6
 
 

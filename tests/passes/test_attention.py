@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import out_tensor, rel_err
+from fxpeft.passes import NormalizeAttention
+from fxpeft.passes import attention as attention_pass
 from torch import nn
 
 import fxpeft
-from fxpeft.passes import NormalizeAttention
-from fxpeft.passes import attention as attention_pass
 from fxpeft.zoo import tiny_bert, tiny_gpt2, tiny_llama
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default

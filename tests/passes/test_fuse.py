@@ -7,12 +7,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from fxpeft.passes import FuseLowRankSiblings, UnfuseLowRankSiblings
+from fxpeft.passes.inject import adapter_nodes
 from torch import nn
 
 import fxpeft
 from fxpeft.methods.lora import LoraDropout
-from fxpeft.passes import FuseLowRankSiblings, UnfuseLowRankSiblings
-from fxpeft.passes.inject import adapter_nodes
 from fxpeft.sites import find_sites
 from fxpeft.tags import Role, get_tag
 from fxpeft.zoo import tiny_llama

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch._dynamo.testing
 from conftest import out_tensor, rel_err
+from fxpeft.passes import RemoveAdapters
 
 import fxpeft
 from fxpeft import zoo
-from fxpeft.passes import RemoveAdapters
 
 
 def _graphs():

@@ -8,11 +8,16 @@ import itertools
 
 import pytest
 import torch
+from fxpeft.passes import (
+    FuseLowRankSiblings,
+    MergeAdapters,
+    RemoveAdapters,
+    UnfuseLowRankSiblings,
+)
 from torch import fx
 
 import fxpeft
 from fxpeft import zoo
-from fxpeft.passes import FuseLowRankSiblings, MergeAdapters, RemoveAdapters, UnfuseLowRankSiblings
 from fxpeft.registry import PeftRegistry
 from fxpeft.tags import get_tag
 

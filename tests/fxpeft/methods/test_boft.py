@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import (
     assert_unchanged,
+    lm_train_losses,
     peft_counts,
     rel_err,
     snapshot,
@@ -193,17 +194,7 @@ def test_a_few_steps_lower_the_loss():
     torch.manual_seed(0)
     cfg = fxpeft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, boft_dropout=0.1, target_modules=_PROJ)
     gm = fxpeft.rewrite(_graph("llama"), cfg)
-    ids = _base("llama")[2]["input_ids"]
-    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
-    gm.train()
-    losses = []
-    for _ in range(4):
-        logits = gm(input_ids=ids).logits
-        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = lm_train_losses(gm, "llama", steps=4, lr=1e-2)
     assert losses[-1] < losses[0], losses
     trained = {n for n, p in gm.named_parameters() if p.grad is not None or p.requires_grad}
     assert trained and all(n.endswith(("boft_R", "boft_s")) for n in trained)  # the base stays frozen

@@ -11,12 +11,19 @@ import pytest
 import torch
 from conftest import (
     assert_unchanged,
+    lm_train_losses,
     out_tensor,
     peft_counts,
     rel_err,
-    run_model as _run_model,
     snapshot,
+)
+from conftest import (
+    run_model as _run_model,
+)
+from conftest import (
     traced_base as _base,
+)
+from conftest import (
     traced_copy as _graph,
 )
 from safetensors.torch import load_file
@@ -150,17 +157,7 @@ def test_a_few_steps_lower_the_loss():
     cfg = fxpeft.FourierFTConfig(n_frequency=64, scaling=30.0, target_modules=["q_proj", "v_proj", "down_proj"],
                                  init_weights=True)
     gm = fxpeft.rewrite(_graph("llama"), cfg)
-    ids = _base("llama")[2]["input_ids"]
-    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=5e-2)
-    gm.train()
-    losses = []
-    for _ in range(4):
-        logits = gm(input_ids=ids).logits
-        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = lm_train_losses(gm, "llama", steps=4, lr=5e-2)
     assert losses[-1] < losses[0], losses
     assert all(p.grad is None for n, p in gm.named_parameters() if "fourierft_" not in n)  # the base stays frozen
 

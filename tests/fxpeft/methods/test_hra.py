@@ -12,12 +12,19 @@ import torch
 import torch.nn.functional as F
 from conftest import (
     assert_unchanged,
+    lm_train_losses,
     out_tensor,
     peft_counts,
     rel_err,
-    run_model as _run_model,
     snapshot,
+)
+from conftest import (
+    run_model as _run_model,
+)
+from conftest import (
     traced_base as _base,
+)
+from conftest import (
     traced_copy as _graph,
 )
 from safetensors.torch import load_file
@@ -153,17 +160,7 @@ def test_conv_sites_match_peft_both_ways(dialect, tmp_path):
 def test_a_few_steps_lower_the_loss_and_the_base_stays_frozen(fields):
     torch.manual_seed(0)
     gm = fxpeft.rewrite(_graph("llama"), fxpeft.HRAConfig(r=4, target_modules=_TARGETS, **fields))
-    ids = _base("llama")[2]["input_ids"]
-    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
-    gm.train()
-    losses = []
-    for _ in range(4):
-        logits = gm(input_ids=ids).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = lm_train_losses(gm, "llama", steps=4, lr=1e-2)
     assert losses[-1] < losses[0], losses
     assert all(p.grad is None for n, p in gm.named_parameters() if "hra_u" not in n)
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import (
     assert_unchanged,
+    lm_train_losses,
     peft_counts,
     rel_err,
     snapshot,
@@ -184,17 +185,7 @@ def test_a_few_steps_lower_the_loss():
     cfg = fxpeft.LoKrConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], rank_dropout=0.1,
                             module_dropout=0.1)
     gm = fxpeft.rewrite(_graph("llama"), cfg)
-    ids = _base("llama")[2]["input_ids"]
-    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
-    gm.train()
-    losses = []
-    for _ in range(4):
-        logits = gm(input_ids=ids).logits
-        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = lm_train_losses(gm, "llama", steps=4, lr=1e-2)
     assert losses[-1] < losses[0], losses
     assert all(p.grad is None for n, p in gm.named_parameters() if "lokr_" not in n)  # the base stays frozen
 

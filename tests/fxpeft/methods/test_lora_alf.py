@@ -11,7 +11,9 @@ import math
 
 import pytest
 import torch
-from conftest import assert_unchanged, rel_err, run_model, snapshot, traced_base as _base, traced_copy as _graph
+from conftest import assert_unchanged, rel_err, run_model, snapshot
+from conftest import traced_base as _base
+from conftest import traced_copy as _graph
 from safetensors.torch import load_file
 from torch import nn
 

@@ -10,9 +10,9 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import (
     assert_unchanged,
+    lm_train_losses,
     peft_counts,
     rel_err,
     snapshot,
@@ -215,17 +215,7 @@ def test_a_few_steps_lower_the_loss_and_coft_keeps_the_parameter_projected():
     torch.manual_seed(0)
     cfg = fxpeft.OFTConfig(oft_block_size=16, target_modules=["q_proj", "v_proj", "down_proj"], module_dropout=0.25)
     gm = fxpeft.rewrite(_graph("llama"), cfg)
-    ids = _base("llama")[2]["input_ids"]
-    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
-    gm.train()
-    losses = []
-    for _ in range(4):
-        logits = gm(input_ids=ids).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = lm_train_losses(gm, "llama", steps=4, lr=1e-2)
     assert losses[-1] < losses[0], losses
     assert all(p.grad is None for n, p in gm.named_parameters() if "oft_R" not in n)  # the base stays frozen
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import (
     assert_unchanged,
+    lm_train_losses,
     peft_counts,
     rel_err,
     snapshot,
@@ -168,17 +169,7 @@ def test_a_few_steps_lower_the_loss_and_the_matrices_stay_frozen():
     gm = fxpeft.rewrite(_graph("llama"), fxpeft.VeraConfig(r=32, target_modules=_PROJ, vera_dropout=0.1,
                                                            d_initial=0.5))
     A = _shared(gm).vera_A.clone()
-    ids = _base("llama")[2]["input_ids"]
-    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=3e-2)
-    gm.train()
-    losses = []
-    for _ in range(4):
-        logits = gm(input_ids=ids).logits
-        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = lm_train_losses(gm, "llama", steps=4, lr=3e-2)
     assert losses[-1] < losses[0], losses
     assert torch.equal(_shared(gm).vera_A, A)
     trained = {n for n, p in gm.named_parameters() if p.requires_grad}
