@@ -441,7 +441,9 @@ class OFT(Method):
         einsum), or add ``conv(x, W' - W)`` to a conv's output where the conv's weight cannot be replaced."""
         b = adapter.block
         if site.kind == "conv":
-            w = emit.weight()
+            # beside the call, not in its place: the adapter's own read, so merge_adapter does not take it for
+            # another call site sharing the weight (a tie)
+            w = emit.weight(own=True)
             if dtype != base_dtype:
                 w = emit.cast(w, dtype)
             rotated = _rotate_weight(op, w, op(aten.transpose.int, rot, 1, 2, label="rotation_t"), adapter.blocks, b,

@@ -357,3 +357,17 @@ def test_a_cayley_neumann_file_from_before_peft_0_18_warns(tmp_path):
         oft.config_from_peft({**config, "peft_version": "0.17.1", "use_cayley_neumann": False})
     with pytest.warns(UserWarning, match="PEFT 0.18 changed the series"):
         oft.config_from_peft({**config, "peft_version": "0.17.1"})
+
+
+def test_merge_adapter_on_a_bf16_conv_base_is_not_taken_for_a_tie():
+    # an fp32 adapter on a bf16 conv adds conv(x, W' - W): its read of W is the adapter's own, not a second call site
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)).to(torch.bfloat16)
+    x = torch.randn(2, 2, 8, 8, dtype=torch.bfloat16)
+    gm = fxpeft.rewrite(fxpeft.trace(model, (x,)), fxpeft.OFTConfig(oft_block_size=6, r=0, target_modules=["0"],
+                                                                     init_weights=False))
+    y = gm(x)
+    fxpeft.merge_adapter(gm)
+    assert rel_err(gm(x).float(), y.float()) <= 1e-2  # bf16 rounding of the folded weight
+    fxpeft.unmerge_adapter(gm)
+    assert rel_err(gm(x).float(), y.float()) <= 1e-2
