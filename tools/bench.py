@@ -22,6 +22,8 @@ Measures:
   methods   the other methods (LoHa r16, LoKr r16, OFT block 32, VeRA r256, as registered): PEFT's adapter with
             a non-zero init, saved and loaded into the graph (logits checked), then one train step each, fxpeft vs
             PEFT's same method
+  moe       LoRA on a tiny Qwen3-MoE's 3-D expert parameters (PEFT's ``target_parameters``, r=16), one train step:
+            fxpeft's parameter sites (W + ΔW per expert, read by every use) vs PEFT's ParamWrapper
   memory    peak training memory: one fresh process per variant; set-up first, then malloc_trim and a
             reset of the peak-RSS counter (/proc/self/clear_refs), then the peak RSS growth over 2 steps.
             Also the bytes autograd saves for backward in one step (exact, via saved_tensors_hooks)
@@ -63,7 +65,8 @@ import fxpeft  # noqa: E402
 from fxpeft.zoo import tiny_llama  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ALL_MEASURES = ("rewrite", "train", "compile", "infer", "merged", "merge", "memory", "switch", "mixed", "dora", "methods")
+ALL_MEASURES = ("rewrite", "train", "compile", "infer", "merged", "merge", "memory", "switch", "mixed", "dora", "methods",
+                "moe")
 
 #: the other methods' train step against PEFT's same method (measure ``methods``): name -> PEFT config fields, on
 #: TARGETS. Each PEFT adapter starts non-zero (``init_weights=False``), is saved, and is loaded into the graph.
@@ -98,7 +101,7 @@ CASES = {
     "large": Case("large", 4, 1024, 4, 128, measures=("train", "infer", "memory")),
     "rewrite32": Case("rewrite32", 32, 512, 2, 16, dropouts=(0.1,), measures=("rewrite",)),
     "smoke": Case("smoke", 1, 64, 2, 16, dropouts=(0.0, 0.1), measures=("rewrite", "train", "infer", "merged", "merge", "dora",
-                                                                         "methods", "memory", "switch", "mixed"),
+                                                                         "methods", "moe", "memory", "switch", "mixed"),
                   mixed_rows=4, mixed_seq=8, mixed_ks=(2,)),
 }
 
@@ -120,6 +123,7 @@ GOALS: dict[tuple[str, str], tuple[str, Callable[[float], bool]]] = {
     ("memory", "0.1"): ("≤ 1.0", lambda r: r <= 1.0),
     ("dora", "0.0"): ("≤ 0.80", lambda r: r <= 0.80),
     **{("methods", m): ("≤ 1.0", lambda r: r <= 1.0) for m in METHODS},
+    ("moe", ""): ("≤ 1.0", lambda r: r <= 1.0),
 }
 
 
@@ -508,6 +512,36 @@ class Bench:
             del gm, pm, trainers
             gc.collect()
 
+    def moe(self) -> None:
+        """LoRA on the experts of a Qwen3-MoE of the case's width (2 layers, 8 experts, top 2): PEFT's adapter
+        (non-zero), saved and loaded into the graph, logits checked, then the train step against PEFT's."""
+        import peft
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        c = self.case
+        cfg = Qwen3MoeConfig(vocab_size=c.vocab, hidden_size=c.hidden // 2, intermediate_size=c.hidden,
+                             moe_intermediate_size=c.hidden // 4, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, use_cache=False)
+        torch.manual_seed(0)
+        model = Qwen3MoeForCausalLM(cfg).eval()
+        ids = self.ids[:, : max(8, c.seq // 2)]
+        pcfg = peft.LoraConfig(r=c.r, lora_alpha=c.alpha, target_modules=[], init_lora_weights=False,
+                               target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+        pm = peft.get_peft_model(copy.deepcopy(model), pcfg)
+        with tempfile.TemporaryDirectory() as d:
+            pm.save_pretrained(d)
+            gm = fxpeft.load_adapter(fxpeft.trace(model, (ids,)), d)
+        pm.eval(), gm.eval()
+        with torch.no_grad():
+            ref = pm(input_ids=ids).logits
+            rel = ((gm(ids).logits - ref).double().norm() / ref.double().norm()).item()
+        log(f"[{c.name}] moe: eval logits rel err vs PEFT {rel:.2e}")
+        gm.train(), pm.train()
+        trainers = {"fxpeft": Trainer(gm, lambda i: gm(i), ids), "peft": Trainer(pm, lambda i: pm(input_ids=i), ids)}
+        times = alternate({k: timed(t.step) for k, t in trainers.items()}, self.pairs("methods"), 2)
+        self.add("moe", "", f"LoRA r={c.r} on Qwen3-MoE experts (target_parameters) train step",
+                 summarize(times, "fxpeft", "peft"), {"rel_err_vs_peft": rel})
+
     def memory(self, dropout: float) -> None:
         variants = ("fxpeft", "fxpeft_unfused", "peft")
         reps = 1 if (self.args.quick or self.case.name in ("smoke", "large")) else 3
@@ -562,6 +596,8 @@ class Bench:
             self.mixed()
         if "methods" in ms:
             self.methods()
+        if "moe" in ms:
+            self.moe()
         for p in self.case.dropouts:
             if "memory" in ms:
                 self.memory(p)

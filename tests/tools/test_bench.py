@@ -117,3 +117,11 @@ def test_methods_measure_loads_peft_adapters_that_compute_what_peft_computes(ben
         assert row["rel_err_vs_peft"] < 1e-5, name
         assert row["trainable"][0] == row["trainable"][1], name
         assert bench.GOALS[("methods", name)][0] == "≤ 1.0"
+
+
+def test_moe_measure_times_expert_adapters_that_compute_what_peft_computes(bench):
+    b = bench.Bench(bench.CASES["smoke"], _args())
+    b.moe()
+    (row,) = b.results
+    assert (row["measure"], row["pairs"]) == ("moe", 1) and set(row["ms"]) == {"fxpeft", "peft"}
+    assert row["rel_err_vs_peft"] < 1e-5
