@@ -54,6 +54,7 @@ from .io import config_from_peft, hotswap_adapter, load_adapter, prepare_for_hot
 from .methods.adalora import AdaLoraConfig, adalora_orth_loss, update_and_allocate
 from .methods import BOFTConfig, FourierFTConfig, ShiraConfig, HRAConfig, IA3Config, LNTuningConfig, LoHaConfig, LoKrConfig, LoraConfig, MissConfig, OFTConfig, VeraConfig
 from .methods.poly import PolyConfig
+from .methods.p_tuning import PromptEncoderConfig
 from .methods.prompt_tuning import PromptTuningConfig
 from .methods.trainable_tokens import TrainableTokensConfig
 from .registry import AdapterModule, Emit, Method, PeftConfigBase, PeftRegistry
@@ -119,6 +120,7 @@ __all__ = [
     "FourierFTConfig",
     "ShiraConfig",
     "PolyConfig",
+    "PromptEncoderConfig",
     "PromptTuningConfig",
     "TrainableTokensConfig",
     "PeftRegistry",

@@ -247,6 +247,12 @@ class Emit:
         return self._node("get_attr", f"{Method.shared_path(self.tag.method, self.tag.adapter)}.{attr}", (), {}, role,
                           label=label)
 
+    def call_shared(self, *args, role: Role = Role.COMPUTE, label: str | None = None) -> fx.Node:
+        """Call this adapter's shared state as a module (``call_module``): for shared state that computes its value,
+        such as a prompt encoder, so ``train()``/``eval()`` switch its dropout."""
+        path = Method.shared_path(self.tag.method, self.tag.adapter)
+        return self._node("call_module", path, args, {}, role, label=label)
+
     def module(self, sub: str, *args, role: Role = Role.COMPUTE, label: str | None = None) -> fx.Node:
         """Call a submodule of this adapter's submodule (a dropout, so ``train()``/``eval()`` switches it)."""
         return self._node("call_module", f"{self.tag.module}.{sub}", args, {}, role, label=label)

@@ -1,6 +1,6 @@
 """The methods fxpeft ships, one file each. Importing this package registers them."""
 
-from . import adalora, boft, fourierft, hra, ia3, ln_tuning, loha, lokr, lora, miss, oft, poly, prompt_tuning, shira, trainable_tokens, vera  # noqa: F401  (registers the methods)
+from . import adalora, boft, fourierft, hra, ia3, ln_tuning, loha, lokr, lora, miss, oft, p_tuning, poly, prompt_tuning, shira, trainable_tokens, vera  # noqa: F401  (registers the methods)
 from .adalora import AdaLoraConfig
 from .boft import BOFTConfig
 from .fourierft import FourierFTConfig
@@ -12,10 +12,11 @@ from .lokr import LoKrConfig
 from .lora import LoraConfig
 from .miss import MissConfig
 from .oft import OFTConfig
+from .p_tuning import PromptEncoderConfig
 from .poly import PolyConfig
 from .shira import ShiraConfig
 from .prompt_tuning import PromptTuningConfig
 from .trainable_tokens import TrainableTokensConfig
 from .vera import VeraConfig
 
-__all__ = ["LoraConfig", "FourierFTConfig", "ShiraConfig", "AdaLoraConfig", "BOFTConfig", "HRAConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "LNTuningConfig", "MissConfig", "OFTConfig", "PolyConfig", "PromptTuningConfig", "TrainableTokensConfig", "VeraConfig"]
+__all__ = ["LoraConfig", "FourierFTConfig", "ShiraConfig", "AdaLoraConfig", "BOFTConfig", "HRAConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "LNTuningConfig", "MissConfig", "OFTConfig", "PolyConfig", "PromptEncoderConfig", "PromptTuningConfig", "TrainableTokensConfig", "VeraConfig"]

@@ -70,6 +70,13 @@ PiSSA and OLoRA replace the base weight by the residual (:meth:`Method.base_upda
 init, and the adapter keeps its initial factors (``A0``, ``B0``) so that ``save_adapter(...,
 convert_to_original_base=True)`` writes the plain rank-``2r`` LoRA ``[B, -B0]·[A; A0]`` that applies to the original
 base, as PEFT's ``path_initial_model_for_weight_conversion`` does.
+
+aLoRA (``alora_invocation_tokens``, linear sites): each row's update acts only from the start of the last occurrence
+of the invocation sequence in ``input_ids`` to the end; before it, the outputs are exactly the base model's (a KV
+cache built by the base stays valid); a row without it gets no update. The start is computed in the graph from the
+``input_ids`` input feeding the input embedding (windows compared with the tokens, the last match per row, a
+``[B, T, 1]`` mask on the update), so torch.compile and a .pt2 export run it. PEFT's ``alora_offsets`` count the same
+start back from the end of the row, padding included: ``offset = T - start``. Not a weight delta, so never merged.
 """
 
 from __future__ import annotations
@@ -77,6 +84,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -85,7 +93,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxpeft.errors import AdapterFileError, ConfigError, UnsupportedSiteError
+from fxpeft.errors import AdapterFileError, ConfigError, MergeError, UnsupportedSiteError
 from fxpeft.registry import AdapterModule, Emit, Method, PeftConfigBase, PeftRegistry, config_from_fields, is_unset
 from fxpeft.sites import Site
 from fxpeft.tags import Role
@@ -134,6 +142,10 @@ class LoraConfig(PeftConfigBase):
             which also adapts an ``nn.MultiheadAttention`` named in ``target_modules`` as PEFT does).
         conv_reshape: ``"standard"`` (PEFT's conv LoRA) or ``"balanced"`` (ALF: conv sites decompose the weight
             seen as ``[out·k0, in·K']``; the module docstring gives the maths). fxpeft's own: PEFT refuses its files.
+        alora_invocation_tokens: aLoRA (activated LoRA): token ids of the invocation sequence. Each row's update acts
+            only from the start of the *last* occurrence of the sequence in that row's ``input_ids`` to the end (earlier
+            outputs are exactly the base model's; a row without the sequence gets no adapter). The start is found
+            inside the graph from the ``input_ids`` input (see :func:`alora_mask`). Linear sites only; no merge.
 
     Example:
         >>> from fxpeft import LoraConfig
@@ -141,6 +153,8 @@ class LoraConfig(PeftConfigBase):
         8
         >>> LoraConfig(r=4, target_modules=["conv1"], conv_reshape="balanced").conv_reshape
         'balanced'
+        >>> LoraConfig(target_modules=["q_proj"], alora_invocation_tokens=[7, 8]).alora_invocation_tokens
+        [7, 8]
     """
 
     r: int = 8
@@ -157,6 +171,7 @@ class LoraConfig(PeftConfigBase):
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     target_parameters: list[str] | None = None
     conv_reshape: str = "standard"
+    alora_invocation_tokens: list[int] | None = None
 
 
 class LoraDropout(nn.Dropout):
@@ -623,6 +638,7 @@ class Lora(Method):
         from .trainable_tokens import check_trainable_token_indices
 
         check_trainable_token_indices(config.trainable_token_indices)
+        _check_alora_config(config)
         _lp.validate_parameter_config(config)  # target_parameters: what PEFT's ParamWrapper refuses
 
     @classmethod
@@ -633,6 +649,8 @@ class Lora(Method):
 
     @classmethod
     def select_sites(cls, gm: fx.GraphModule, config: LoraConfig, sites: dict[str, Site], select) -> list[Site]:
+        if getattr(config, "alora_invocation_tokens", None) is not None:  # before any change: needs input_ids
+            _check_alora_graph(gm, config, sites)
         # target_parameters, and nn.MultiheadAttention as PEFT adapts it (lora_parameters.py)
         return _lp.select_sites(config, sites, select)
 
@@ -648,6 +666,8 @@ class Lora(Method):
             return f"grouped convolution (groups={site.groups}) is not supported by LoRA"
         if site.kind == "embedding" and getattr(config, "lora_bias", False):
             return "lora_bias=True is not supported on an embedding (as in PEFT)"
+        if getattr(config, "alora_invocation_tokens", None) is not None and site.kind != "linear":
+            return f"aLoRA (alora_invocation_tokens) adapts linear layers only, as PEFT's aLoRA; not this {site.kind}"
         why = cls._check_init_site(site, config)
         return why or super().check_site(site, config)
 
@@ -702,6 +722,9 @@ class Lora(Method):
             _add_lora_bias(adapter, site, config.init_lora_weights)
         if config.use_dora:
             adapter.init_magnitude(site, weight)
+        if getattr(config, "alora_invocation_tokens", None) is not None:  # a graph constant: never saved
+            adapter.register_buffer("alora_tokens", torch.tensor(config.alora_invocation_tokens, dtype=torch.long,
+                                                                 device=weight.device), persistent=False)
         return adapter
 
     @staticmethod
@@ -752,6 +775,8 @@ class Lora(Method):
             b = emit.op(op.default, a, B, *up_bias, role=Role.UP)  # 1x1: [N, out, *spatial]
         else:
             b = emit.op(aten.linear.default, a, B, *up_bias, role=Role.UP)  # [..., out]
+        if hasattr(adapter, "alora_tokens"):  # aLoRA: the update only from each row's invocation on
+            b = _alora_gate(emit, b)
         if g is not None:
             emit.replace_output(cls._dora_out(emit, site, adapter, x, b, g, weight, base_dtype))
             return
@@ -851,6 +876,7 @@ class Lora(Method):
 
     @classmethod
     def fold(cls, adapter: LoraAdapter, site: Site, weight: torch.Tensor, bias: torch.Tensor | None):
+        _refuse_alora_merge(adapter)
         if site.kind == "parameter":
             return weight + _lp.parameter_delta(adapter, site), bias
         if adapter.use_dora:
@@ -859,6 +885,7 @@ class Lora(Method):
 
     @classmethod
     def unfold(cls, adapter: LoraAdapter, site: Site, weight: torch.Tensor, bias: torch.Tensor | None):
+        _refuse_alora_merge(adapter)
         if site.kind == "parameter":
             return weight - _lp.parameter_delta(adapter, site), bias
         if adapter.use_dora:
@@ -874,6 +901,11 @@ class Lora(Method):
         if site.kind == "parameter":
             raise UnsupportedSiteError(f"LoRA on parameter {site.weight!r} has no mixed-batch form (a batch row cannot "
                                        "pick its own weight); serve one adapter at a time (fxpeft.set_adapter) or merge")
+        alora = [m.adapter_name for m in present if hasattr(m, "alora_tokens")]
+        if alora:
+            raise UnsupportedSiteError(f"adapter(s) {alora} are aLoRA adapters (alora_invocation_tokens) at "
+                                       f"{site.name!r}, which have no mixed-batch form yet; serve one at a time "
+                                       "(fxpeft.set_adapter)")
         dora = [m.adapter_name for m in present if m.use_dora]
         biased = [m.adapter_name for m in present if hasattr(m, "B_bias")]
         balanced = [m.adapter_name for m in present if m.balanced]
@@ -998,6 +1030,10 @@ class Lora(Method):
         if config.use_dora != adapter.use_dora:
             raise AdapterFileError(f"{site.name}: the file has use_dora={config.use_dora}, the adapter "
                                    f"use_dora={adapter.use_dora}; a hot-swap keeps the variant: use load_adapter")
+        file_alora, own_alora = cls.site_settings(config, site)["alora"], cls.adapter_settings(adapter)["alora"]
+        if file_alora != own_alora:  # the invocation tokens are graph constants: a swap cannot change them
+            raise AdapterFileError(f"{site.name}: the file has alora_invocation_tokens={file_alora}, the adapter "
+                                   f"{own_alora}; a hot-swap keeps the variant: use load_adapter")
         if site.kind == "conv" and (config.conv_reshape == "balanced") != adapter.balanced:
             raise AdapterFileError(f"{site.name}: the file has conv_reshape={config.conv_reshape!r}, the adapter "
                                    f"{'balanced' if adapter.balanced else 'standard'}; a hot-swap keeps the variant: "
@@ -1030,13 +1066,17 @@ class Lora(Method):
     @classmethod
     def site_settings(cls, config: LoraConfig, site: Site) -> dict[str, Any]:
         r, alpha = cls._rank_alpha(config, site)
+        tokens = getattr(config, "alora_invocation_tokens", None)
         return {"r": r, "alpha": alpha, "use_dora": config.use_dora, "init": _file_init(config.init_lora_weights),
-                "balanced": site.kind == "conv" and config.conv_reshape == "balanced"}
+                "balanced": site.kind == "conv" and config.conv_reshape == "balanced",
+                "alora": None if tokens is None else [int(t) for t in tokens]}
 
     @classmethod
     def adapter_settings(cls, adapter: LoraAdapter) -> dict[str, Any]:
+        tokens = getattr(adapter, "alora_tokens", None)
         return {"r": adapter.r, "alpha": adapter.lora_alpha, "use_dora": adapter.use_dora,
-                "init": getattr(adapter, "file_init", True), "balanced": adapter.balanced}
+                "init": getattr(adapter, "file_init", True), "balanced": adapter.balanced,
+                "alora": None if tokens is None else tokens.tolist()}
 
     @classmethod
     def config_fields(cls, adapters: dict[str, LoraAdapter], sites: dict[str, Site], keys_for,
@@ -1059,6 +1099,12 @@ class Lora(Method):
             raise AdapterFileError("the adapter's conv sites disagree on conv_reshape; one config has one conv_reshape")
         # only a balanced adapter writes the field: PEFT warns about any field it does not know
         reshape = {"conv_reshape": "balanced"} if balanced == {True} else {}
+        alora = {tuple(m.alora_tokens.tolist()) if hasattr(m, "alora_tokens") else None for m in adapters.values()}
+        if len(alora) > 1:
+            raise AdapterFileError("the adapter's sites disagree on alora_invocation_tokens; one PEFT config has one")
+        invocation = alora.pop()
+        if invocation is not None:
+            reshape["alora_invocation_tokens"] = list(invocation)
         r = Counter(m.r for m in adapters.values()).most_common(1)[0][0]
         alpha = Counter(m.lora_alpha for m in adapters.values()).most_common(1)[0][0]
         dropouts = [getattr(getattr(m, "dropout", None), "p", 0.0) for m in adapters.values()]
@@ -1259,3 +1305,121 @@ def pattern_value(pattern: dict[str, Any], name: str, default: Any, field_name: 
         if pattern_key_match(str(key), name, field=field_name):
             return value
     return default
+
+
+# ---------------------------------------------------------------------------------- aLoRA (activated LoRA)
+# PEFT finds each row's invocation in Python (``calculate_alora_offsets``) and passes ``alora_offsets``: the start
+# of the last occurrence counted back from the end of the row, padding included (offset = T - start), so its mask
+# ``t >= T - offset`` is ``t >= start``. fxpeft computes ``start`` in the graph from ``input_ids`` with tensor ops
+# only (no loop over rows), so the same graph runs under torch.compile and in a .pt2 export.
+
+#: the ``input_ids`` placeholder found per graph (every aLoRA site of a rewrite reads the same one)
+_ALORA_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _check_alora_config(config: LoraConfig) -> None:
+    """Refuse aLoRA settings PEFT cannot express or fxpeft does not compute (before any change to the graph)."""
+    tokens = getattr(config, "alora_invocation_tokens", None)
+    if tokens is None:
+        return
+    if (not isinstance(tokens, (list, tuple)) or not tokens
+            or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens)):
+        raise ConfigError(f"alora_invocation_tokens must be a non-empty list of token ids (ints >= 0), got {tokens!r}; "
+                          "pass the tokenized invocation string, e.g. tokenizer.encode(text, add_special_tokens=False)")
+    if config.use_dora:
+        raise ConfigError("alora_invocation_tokens with use_dora=True is not supported (PEFT has no such variant); "
+                          "use one of them")
+    if config.target_parameters:
+        raise ConfigError("alora_invocation_tokens with target_parameters is not supported: aLoRA gates a layer's "
+                          "output per token, a parameter site changes the weight; use target_modules")
+
+
+def _ids_placeholder(gm: fx.GraphModule, sites: dict[str, Site]) -> tuple[fx.Node | None, Site | None]:
+    """The graph input that feeds the input embedding (``input_ids``, through a few views), and that embedding."""
+    from .trainable_tokens import _input_embedding  # HF's get_input_embeddings, recorded at trace
+
+    emb = sites.get(_input_embedding(gm, sites))
+    if emb is None or emb.kind != "embedding":
+        return None, None
+    for call in emb.calls:
+        node = call.input
+        for _ in range(8):  # a few views (GPT-2 flattens input_ids first)
+            if not isinstance(node, fx.Node) or node.op not in ("placeholder", "call_function", "call_method"):
+                break
+            if node.op == "placeholder":
+                return node, emb
+            if not node.args:
+                break
+            node = node.args[0]
+    return None, emb
+
+
+def _check_alora_graph(gm: fx.GraphModule, config: LoraConfig, sites: dict[str, Site]) -> None:
+    """The graph must take ``input_ids`` (the offsets come from it), and the tokens must be in its vocabulary."""
+    ids, emb = _ids_placeholder(gm, sites)
+    if ids is None:
+        raise UnsupportedSiteError("aLoRA (alora_invocation_tokens) finds each row's invocation in input_ids, and this "
+                                   "graph has no input feeding its input embedding; trace the model with input_ids "
+                                   "(not inputs_embeds)")
+    vocab = emb.weight_shape[0]
+    bad = [t for t in config.alora_invocation_tokens if t >= vocab]
+    if bad:
+        raise ConfigError(f"alora_invocation_tokens {bad} are outside the vocabulary of {emb.name!r} ({vocab} tokens); "
+                          "tokenize the invocation string with this model's tokenizer")
+    _ALORA_IDS[gm] = ids
+
+
+def _alora_ids(gm: fx.GraphModule) -> fx.Node:
+    """The ``input_ids`` placeholder of ``gm`` (cached by :func:`_check_alora_graph`; found again after a reload)."""
+    ids = _ALORA_IDS.get(gm)
+    if ids is None or ids.graph is not gm.graph:
+        from fxpeft.sites import find_sites
+
+        ids, _ = _ids_placeholder(gm, find_sites(gm, {"embedding"}))
+        if ids is None:
+            raise UnsupportedSiteError("aLoRA needs the graph input feeding the input embedding (input_ids); this "
+                                       "graph has none: trace the model with input_ids")
+        _ALORA_IDS[gm] = ids
+    return ids
+
+
+def alora_mask(input_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Eager reference of the graph's aLoRA mask: ``[B, T, 1]``, True from the start of the last occurrence of
+    ``tokens`` in each row to the end, all False in a row without it. PEFT's ``alora_offsets`` is ``T - start``."""
+    n = tokens.numel()
+    padded = F.pad(input_ids, (0, n - 1), value=-1)  # [B, T + n - 1]: every position starts a window
+    match = (padded.unfold(1, n, 1) == tokens).all(-1)  # [B, T]
+    pos = torch.ones_like(input_ids).cumsum(1) - 1  # [B, T]
+    start = torch.where(match, pos, -1).amax(1, keepdim=True)  # [B, 1]; -1: no invocation
+    return ((pos >= start) & (start >= 0)).unsqueeze(-1)  # [B, T, 1]
+
+
+def _alora_gate(emit: Emit, up: fx.Node) -> fx.Node:
+    """``up`` (the scaled update, ``[B, T, out]``) zeroed before each row's invocation: :func:`alora_mask` as nodes."""
+    ids, tokens = _alora_ids(emit.gm), emit.param("alora_tokens", label="alora_tokens")
+    n = emit.gm.get_buffer(f"{emit.tag.module}.alora_tokens").numel()
+    padded = emit.op(aten.constant_pad_nd.default, ids, [0, n - 1], -1, label="alora_padded")  # [B, T + n - 1]
+    windows = emit.op(aten.unfold.default, padded, 1, n, 1, label="alora_windows")  # [B, T, n]
+    hits = emit.op(aten.eq.Tensor, windows, tokens, label="alora_hits")
+    match = emit.op(aten.all.dim, hits, -1, label="alora_match")  # [B, T]
+    ones = emit.op(aten.ones_like.default, ids, label="alora_ones")
+    pos = emit.op(aten.sub.Scalar, emit.op(aten.cumsum.default, ones, 1, label="alora_count"), 1,
+                  label="alora_pos")  # [B, T]: 0..T-1, without reading T
+    score = emit.op(aten.where.ScalarOther, match, pos, -1, label="alora_match_pos")
+    start = emit.op(aten.amax.default, score, [1], True, label="alora_start")  # [B, 1]; -1: no invocation
+    after = emit.op(aten.ge.Tensor, pos, start, label="alora_after_start")
+    found = emit.op(aten.ge.Scalar, start, 0, label="alora_found")
+    on = emit.op(aten.logical_and.default, after, found, label="alora_on")
+    val = emit.call.node.meta.get("val")
+    if isinstance(val, torch.Tensor) and val.dim() == 2:  # an addmm on flattened tokens (GPT-2's Conv1D): [B·T, out]
+        mask = emit.op(aten.reshape.default, on, [-1, 1], label="alora_mask")  # [B·T, 1]
+    else:
+        mask = emit.op(aten.unsqueeze.default, on, -1, label="alora_mask")  # [B, T, 1]
+    return emit.op(aten.where.ScalarOther, mask, up, 0.0, role=Role.UP, label="alora_up")
+
+
+def _refuse_alora_merge(adapter: LoraAdapter) -> None:
+    if hasattr(adapter, "alora_tokens"):
+        raise MergeError(f"aLoRA adapter {adapter.adapter_name!r} at {adapter.site_name!r} cannot be merged (nor can "
+                         "PEFT's): it acts only on the tokens from each row's invocation on, so it is not a weight "
+                         "delta. Keep it unmerged")

@@ -297,9 +297,9 @@ class PromptTuning(Method):
         last = [n for n in emit.graph.nodes if n.op == "placeholder"][-1]
         with emit.graph.inserting_before(last.next):  # at the entry: every reader of the inputs comes later
             gate = emit.param("gate", Role.GATE)
-            table = emit.shared(_KEY, label="prompt_table")
+            table, held = cls.prompt_source(emit, table_mod)  # [NV, dim]
             prompt = emit.function(live_rows, table, gate, label="prompt")  # [NV, dim] (or [0, dim] while off)
-            if table_mod.prompt_embeddings.dtype != weight.dtype:
+            if held != weight.dtype:
                 prompt = emit.cast(prompt, weight.dtype)
             nv = emit.op(aten.sym_size.int, prompt, 0, label="num_virtual")
             batch = emit.op(aten.sym_size.int, ids, 0, label="batch")
@@ -312,6 +312,12 @@ class PromptTuning(Method):
         out = emit.op(aten.slice_scatter.default, emit.call.node, rows, 1, 0, nv, role=Role.OUT, replaces=0,
                       label="with_prompt")
         emit.replace_output(out)
+
+    @classmethod
+    def prompt_source(cls, emit: Emit, shared: nn.Module) -> tuple[fx.Node, torch.dtype]:
+        """The node giving the prompt rows ``[NV, dim]`` and their dtype: here the shared table read as it is (a
+        method computing the rows, such as P-tuning's encoder, overrides it)."""
+        return emit.shared(_KEY, label="prompt_table"), shared.prompt_embeddings.dtype
 
     @classmethod
     def fold(cls, adapter: PromptTuningAdapter, site: Site, weight: torch.Tensor, bias: torch.Tensor | None):

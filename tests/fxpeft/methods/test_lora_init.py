@@ -312,7 +312,7 @@ def test_every_peft_lora_field_is_implemented_or_refused(tmp_path):
 def test_peft_config_objects_with_variants_are_refused_by_rewrite():
     gm = _graph("llama")
     snap = snapshot(gm)
-    for kw in (dict(layer_replication=[[0, 1]]), dict(alora_invocation_tokens=[1, 2]), dict(use_qalora=True),
+    for kw in (dict(layer_replication=[[0, 1]]), dict(use_qalora=True),
                dict(ensure_weight_tying=True), dict(init_lora_weights="corda"), dict(init_lora_weights="eva")):
         with pytest.raises(AdapterFileError, match=next(iter(kw.values())) if "init_lora_weights" in kw
                            else next(iter(kw))):
