@@ -478,8 +478,7 @@ _REFUSED_INITS = {"corda": "CorDA needs calibration activations and " + _CONVERT
 #: become its own and are no longer refused here.
 _VARIANT_FIELDS = {"megatron_config": "Megatron-LM tensor-parallel LoRA layers", "loftq_config": "LoftQ",
                   "eva_config": "EVA", "corda_config": "CorDA", "lora_ga_config": "LoRA-GA", "velora_config": "VeLoRA",
-                  "alora_invocation_tokens": "aLoRA", "use_qalora": "QALoRA", "monteclora_config": "MonteCLoRA",
-                  "layer_replication": "layer replication", 
+                  "use_qalora": "QALoRA", "monteclora_config": "MonteCLoRA", "layer_replication": "layer replication",
                   "use_bdlora": "BD-LoRA", "arrow_config": "Arrow routing", "kasa_config": "KaSA",
                   "ensure_weight_tying": "tied adapters on tied layers"}
 
@@ -1336,22 +1335,12 @@ def _check_alora_config(config: LoraConfig) -> None:
 
 def _ids_placeholder(gm: fx.GraphModule, sites: dict[str, Site]) -> tuple[fx.Node | None, Site | None]:
     """The graph input that feeds the input embedding (``input_ids``, through a few views), and that embedding."""
-    from .trainable_tokens import _input_embedding  # HF's get_input_embeddings, recorded at trace
+    from .trainable_tokens import _input_embedding, input_placeholder  # HF's get_input_embeddings, at trace
 
     emb = sites.get(_input_embedding(gm, sites))
     if emb is None or emb.kind != "embedding":
         return None, None
-    for call in emb.calls:
-        node = call.input
-        for _ in range(8):  # a few views (GPT-2 flattens input_ids first)
-            if not isinstance(node, fx.Node) or node.op not in ("placeholder", "call_function", "call_method"):
-                break
-            if node.op == "placeholder":
-                return node, emb
-            if not node.args:
-                break
-            node = node.args[0]
-    return None, emb
+    return next((p for c in emb.calls if (p := input_placeholder(c.input)) is not None), None), emb
 
 
 def _check_alora_graph(gm: fx.GraphModule, config: LoraConfig, sites: dict[str, Site]) -> None:

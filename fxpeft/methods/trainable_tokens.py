@@ -154,25 +154,27 @@ def _rows_of(site: Site) -> int:
     return site.weight_shape[0]
 
 
+def input_placeholder(node) -> fx.Node | None:
+    """The graph input ``node`` is, through a few views (GPT-2 flattens ``input_ids`` first), or None."""
+    for _ in range(8):
+        if not isinstance(node, fx.Node):
+            return None
+        if node.op == "placeholder":
+            return node
+        if node.op not in ("call_function", "call_method") or not node.args:
+            return None
+        node = node.args[0]
+    return None
+
+
 def _input_embedding(gm: fx.GraphModule, sites: dict[str, Site]) -> str:
     """PEFT's default target: the model's input embedding (recorded at trace for transformers models); otherwise
     the one embedding whose indices are a graph input (through views), else PEFT's fallback ``embed_tokens``."""
     name = graph_info(gm).input_embedding
     if name in sites:
         return name
-
-    def from_input(node) -> bool:
-        for _ in range(8):  # a few views (GPT-2 flattens input_ids first)
-            if not isinstance(node, fx.Node):
-                return False
-            if node.op == "placeholder":
-                return True
-            if node.op not in ("call_function", "call_method") or not node.args:
-                return False
-            node = node.args[0]
-        return False
-
-    found = [s.name for s in sites.values() if s.kind == "embedding" and any(from_input(c.input) for c in s.calls)]
+    found = [s.name for s in sites.values()
+             if s.kind == "embedding" and any(input_placeholder(c.input) is not None for c in s.calls)]
     return found[0] if len(found) == 1 else "embed_tokens"
 
 
