@@ -51,10 +51,14 @@ from .lifecycle import (
 )
 from .mixed import adapter_index, export_mixed_batch, mixed_batch
 from .io import config_from_peft, hotswap_adapter, load_adapter, prepare_for_hotswap, save_adapter, save_merged
+from .distributed import (adapter_state_dict, consolidate_adapter, load_adapter_dcp, save_adapter_dcp,
+                          set_adapter_state_dict)
 from .methods.adalora import AdaLoraConfig, adalora_orth_loss, update_and_allocate
 from .methods import BOFTConfig, FourierFTConfig, ShiraConfig, HRAConfig, IA3Config, LNTuningConfig, LoHaConfig, LoKrConfig, LoraConfig, MissConfig, OFTConfig, VeraConfig
+from .methods.adaption_prompt import AdaptionPromptConfig
 from .methods.poly import PolyConfig
 from .methods.p_tuning import PromptEncoderConfig
+from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
 from .methods.trainable_tokens import TrainableTokensConfig
 from .registry import AdapterModule, Emit, Method, PeftConfigBase, PeftRegistry
@@ -62,6 +66,7 @@ from .tags import AdapterTag, GraphInfo, Role
 from .sites import Site, find_sites, list_sites, unreached_weights
 from .viz import draw
 from .weights import empty_weights, load_weights, meta_tensors
+from .fsdp import shard
 from .trainer import FxPeftTrainerMixin, restore_adapters, save_adapters
 
 __version__ = "0.1.0"
@@ -89,7 +94,13 @@ __all__ = [
     "hotswap_adapter",
     "prepare_for_hotswap",
     "save_merged",
+    "adapter_state_dict",
+    "set_adapter_state_dict",
+    "save_adapter_dcp",
+    "load_adapter_dcp",
+    "consolidate_adapter",
     "adapters",
+    "shard",
     "list_sites",
     "find_sites",
     "unreached_weights",
@@ -120,8 +131,10 @@ __all__ = [
     "FourierFTConfig",
     "ShiraConfig",
     "PolyConfig",
+    "AdaptionPromptConfig",
     "PromptEncoderConfig",
     "PromptTuningConfig",
+    "PrefixTuningConfig",
     "TrainableTokensConfig",
     "PeftRegistry",
     "Method",

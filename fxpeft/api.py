@@ -18,6 +18,7 @@ from torch.fx.graph import _PyTreeCodeGen
 from .atomic import replace_file
 from .errors import TraceError
 from .io import config_from_peft
+from .passes.outline import on_flat_graph
 from .pipeline import rewrite_graph
 from .registry import AdapterModule
 from .tags import INFO_KEY, GraphInfo, graph_info, set_graph_info
@@ -153,7 +154,7 @@ def _record(gm: fx.GraphModule, model: nn.Module, dialect: str) -> None:
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, strict: bool,
-            normalize_attention: bool = True) -> fx.GraphModule:
+            normalize_attention: bool = True, fuse_rms_norm: bool = True) -> fx.GraphModule:
     modes = {m: m.training for m in model.modules()}
     try:
         # Base batch-norm runs on its running statistics (frozen, as a frozen base should be); dropout
@@ -193,6 +194,11 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, strict:
                 gm.get_submodule(path).is_transposed = mod.is_transposed
             except AttributeError:
                 pass
+        if isinstance(mod, nn.modules.conv._ConvNd):  # a conv weight read directly is a conv's: sites.py's view
+            try:
+                gm.get_submodule(path).is_conv = True
+            except AttributeError:
+                pass
     for path, mod in ep_mod.named_modules():  # keep non-persistent buffers out of state_dict(), as in the model
         if mod._non_persistent_buffers_set:
             owner = gm.get_submodule(path) if path else gm
@@ -211,10 +217,13 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, strict:
             gm.recompile()
     from .passes.attention import NormalizeAttention
     from .passes.normalize import DropoutToModule
+    from .passes.norms import FuseRMSNorm
 
     DropoutToModule()(gm)
     if normalize_attention:  # exact: SDPA gets is_causal / grouped K/V where the graph proves them
         NormalizeAttention()(gm)
+    if fuse_rms_norm:  # fp32-exact: one kernel instead of six ops, and two tensors saved for backward
+        FuseRMSNorm()(gm)
     return gm
 
 
@@ -233,9 +242,19 @@ def _own_called_modules(gm: fx.GraphModule) -> None:
         owner._modules[leaf] = clone
 
 
+def _takes_use_cache(model: nn.Module) -> bool:
+    """An HF model whose config turns its KV cache on by default and whose forward takes ``use_cache``."""
+    if not getattr(getattr(model, "config", None), "use_cache", False):
+        return False
+    try:
+        return "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, dynamic_shapes=None,
           strict: bool = False, leaf_modules: tuple[type, ...] = (),
-          normalize_attention: bool = True) -> fx.GraphModule:
+          normalize_attention: bool = True, fuse_rms_norm: bool = True) -> fx.GraphModule:
     """Capture ``model`` as a trainable ``torch.fx.GraphModule``.
 
     With example inputs it uses ``torch.export`` (every tensor dim ``Dim.AUTO``, so batch and sequence
@@ -245,12 +264,15 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, dyn
 
     Behaviour notes for export graphs:
       * non-tensor inputs given at trace time (``use_cache=False``) are baked in; they become defaults of
-        the graph's ``forward``, and passing a different value fails the graph's guard;
+        the graph's ``forward``, and passing a different value fails the graph's guard. An HF model whose
+        config enables its KV cache is traced with ``use_cache=False`` unless ``kwargs`` says otherwise;
       * dropout modules follow ``train()``/``eval()``; batch norm uses its running statistics (frozen);
       * attention is normalised (:class:`fxpeft.passes.NormalizeAttention`): a mask the graph builds from
         positions alone and proves causal is dropped for ``is_causal=True``, and grouped-query K/V expanded
         by ``repeat_kv`` go to SDPA un-expanded with ``enable_gqa=True``. Outputs and gradients are the
-        model's (up to float summation order); padding, sliding-window and bidirectional masks are kept.
+        model's (up to float summation order); padding, sliding-window and bidirectional masks are kept;
+      * a decomposed RMSNorm (HF's ``weight * (x * rsqrt(mean(x²) + eps)).to(dtype)``) becomes one
+        ``aten._fused_rms_norm`` (:class:`fxpeft.passes.FuseRMSNorm`; torch's fused kernel on CUDA).
 
     Args:
         model: the module to capture.
@@ -261,6 +283,7 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, dyn
         leaf_modules: module classes that symbolic_trace keeps as opaque calls.
         normalize_attention: run :class:`fxpeft.passes.NormalizeAttention` on an export graph (default True);
             False keeps SDPA's calls exactly as torch.export captured them.
+        fuse_rms_norm: run :class:`fxpeft.passes.FuseRMSNorm` on an export graph (default True).
 
     Returns:
         The graph module, sharing parameters with ``model``.
@@ -278,11 +301,15 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, dyn
     if not isinstance(model, nn.Module):
         raise TraceError(f"trace() takes an nn.Module, got {type(model).__name__}")
     kwargs = dict(kwargs or {})
+    if (args or kwargs) and "use_cache" not in kwargs and _takes_use_cache(model):
+        # an HF model returns its KV cache object by default, which torch.export cannot output; training and
+        # rewriting want no cache, and ``trace(..., kwargs={"use_cache": True})`` still asks for one
+        kwargs["use_cache"] = False
     if dynamic_shapes is None:  # flags last (stable): they become defaults of forward, which must trail
         kwargs = dict(sorted(kwargs.items(), key=lambda kv: isinstance(kv[1], (bool, int, float, str, type(None)))))
     if args or kwargs:
         args, kwargs = _own_copies(tuple(args), kwargs)
-        gm = _export(model, args, kwargs, dynamic_shapes, strict, normalize_attention)
+        gm = _export(model, args, kwargs, dynamic_shapes, strict, normalize_attention, fuse_rms_norm)
         dialect = "export"
     else:
         class _Tracer(fx.Tracer):
@@ -314,6 +341,7 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, dyn
     return gm
 
 
+@on_flat_graph  # an outlined graph (fxpeft.passes.OutlineBlocks) is inlined for the call
 def rewrite(gm: fx.GraphModule, config: Any, adapter_name: str = "default", *, fuse: bool = True) -> fx.GraphModule:
     """Insert adapters into ``gm`` in place and freeze every base parameter.
 

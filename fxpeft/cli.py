@@ -528,6 +528,14 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _consolidate(args: argparse.Namespace) -> int:
+    import fxpeft
+
+    files = fxpeft.consolidate_adapter(args.checkpoint, args.out)
+    print("\n".join(str(Path(args.out) / f) for f in files))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -549,7 +557,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``fxpeft`` argument parser (``inspect``, ``draw``, ``merge``, ``demo``).
+    """The ``fxpeft`` argument parser (``inspect``, ``draw``, ``merge``, ``consolidate``, ``demo``).
 
     Example:
         >>> from fxpeft.cli import build_parser
@@ -632,6 +640,18 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--max-shard-size", default="5GB", help="shard size (default: %(default)s)")
     _add_debug(merge)
     merge.set_defaults(func=_merge)
+
+    cons = sub.add_parser(
+        "consolidate", help="write a distributed (DCP) adapter checkpoint as a PEFT-format directory",
+        formatter_class=fmt,
+        description="Read CHECKPOINT (written by fxpeft.save_adapter_dcp on any number of processes) in one process "
+                    "and write OUT as adapter_config.json + adapter_model.safetensors, which PEFT and "
+                    "fxpeft.load_adapter read. The files written go to stdout.",
+        epilog="example:\n  fxpeft consolidate ./ckpt/step-1000 ./my-lora")
+    cons.add_argument("checkpoint", metavar="CHECKPOINT", help="a torch.distributed.checkpoint adapter directory")
+    cons.add_argument("out", metavar="OUT", help="output directory (created if missing)")
+    _add_debug(cons)
+    cons.set_defaults(func=_consolidate)
 
     demo = sub.add_parser("demo", help="trace a tiny Llama, rewrite, train, merge, export and draw",
                           description="The README's main job: trace → LoRA rewrite → train → merge → export → draw.")

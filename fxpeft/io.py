@@ -23,25 +23,29 @@ the next save removes the temporary files of dead writers.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import os
 import re
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import fx, nn
+from torch.nn.utils.stateless import _reparametrize_module
 
 from .atomic import commit_files, read_lock, verify_files
 from .copies import (FullCopy, copy_config_fields, copy_tensors, load_copy_tensors, plan_copies, saved_modules,
                      site_adapters, take_copy_tensors)
-from .errors import AdapterFileError, FxPeftError, TargetError, WeightsError
+from .errors import AdapterFileError, FxPeftError, MergeError, TargetError, WeightsError
 from .pipeline import rewrite_graph
 from .passes.inject import adapter_modules
+from .passes.outline import on_flat_graph
 from .passes.transaction import transaction
 from .registry import AdapterModule, Method, PeftRegistry
 from .sites import CALL_KINDS, SITE_KINDS, Site, find_sites
@@ -205,6 +209,82 @@ def _model_class(gm: fx.GraphModule) -> str | None:
 # --------------------------------------------------------------------------------------------- save_adapter
 
 
+def _file_copy(t: torch.Tensor, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """A file's own copy of an adapter tensor: detached, on the CPU, in PEFT's shape, contiguous."""
+    t = t.detach().to("cpu")
+    return (t if shape is None else t.reshape(shape)).contiguous().clone()
+
+
+@dataclasses.dataclass
+class _Layout:
+    """Where one adapter's tensors go in PEFT's file: its config, and per site its method's keys and shapes."""
+
+    method: type[Method]
+    config: dict[str, Any]
+    mods: dict[str, AdapterModule]  # site -> the adapter's module there (the primary method)
+    extra: dict[str, AdapterModule]  # site -> a companion adapter (Method.companions)
+    copies: dict[str, FullCopy]  # path -> modules_to_save / trained-bias copy
+    sites: dict[str, Site]
+    shapes: dict[str, dict[str, tuple]]  # site -> PEFT key suffix -> shape in the file
+    names: dict[str, str]  # site -> the module path its tensors sit under in the file
+    shared: nn.Module | None  # the state every site of the adapter reads (VeRA's matrices), if any
+
+
+def _adapter_layout(gm: fx.GraphModule, adapter_name: str) -> _Layout:
+    """Adapter ``adapter_name``'s PEFT file layout: its config, checked to select exactly its sites again."""
+    own = {p: m for p, m in adapter_modules(gm).items() if m.adapter_name == adapter_name}
+    mods = {m.site_name: m for m in site_adapters(own).values()}
+    copies = {p: m for p, m in own.items() if isinstance(m, FullCopy)}  # modules_to_save, trained biases
+    if not mods:
+        have = sorted({m.adapter_name for m in adapter_modules(gm).values()})
+        raise AdapterFileError(f"the graph holds no adapter named {adapter_name!r} (it holds {have}); "
+                               "pass adapter_name=, or rewrite the graph first")
+    # companions (another method's adapters that the primary config asked for beside its own: Method.companions)
+    # are written under the primary's config and keys
+    extra = {n: m for n, m in mods.items() if m.companion}
+    mods = {n: m for n, m in mods.items() if not m.companion}
+    if not mods:
+        raise AdapterFileError(f"adapter {adapter_name!r} holds only companion adapters, without the config that "
+                               "asked for them; it cannot be written as a PEFT adapter")
+    methods = {m.method for m in mods.values()}
+    if len(methods) > 1:
+        raise AdapterFileError(f"adapter {adapter_name!r} mixes methods {sorted(methods)}; one PEFT adapter file holds "
+                               "one method. Give each method its own adapter name")
+    method = PeftRegistry.get(methods.pop())
+    sites = find_sites(gm, CALL_KINDS | method.site_kinds)
+    lost = [s for s in mods if s not in sites]
+    if lost:
+        raise AdapterFileError(f"adapter sites {lost[:3]} are no longer call sites of this graph; was it edited by hand?")
+    config = _config_for(gm, method, mods, sites, copies)
+    for m_name in sorted({m.method for m in extra.values()}):
+        config.update(PeftRegistry.get(m_name).companion_fields(
+            {n: m for n, m in extra.items() if m.method == m_name}, sites))
+    shapes = _check_round_trip(gm, method, config, mods, sites, copies)
+    shapes.update(_companion_round_trip(gm, method, config, extra, sites))
+    names = method.file_names(gm, [sites[n] for n in mods])
+    shared = getattr(gm, Method.shared_path(method.name, adapter_name), None)
+    return _Layout(method, config, mods, extra, copies, sites, shapes, names, shared)
+
+
+def _by_site(layout: _Layout, mods: dict[str, AdapterModule],
+             take: Callable[[torch.Tensor, tuple], torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """``take(tensor, file shape)`` of each site's tensors (its method's :meth:`~fxpeft.Method.site_tensors`)."""
+    return {n: {k: take(t, layout.shapes[n][k]) for k, t in PeftRegistry.get(m.method).site_tensors(
+        m, layout.sites[n]).items()} for n, m in mods.items()}
+
+
+def _keyed_tensors(layout: _Layout, by_site: dict[str, dict[str, torch.Tensor]],
+                   take: Callable[..., torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every tensor of the file under its key: the sites' (``by_site``), then the full copies' and the shared
+    state's (through ``take``)."""
+    tensors = {f"{_PREFIX}{layout.names.get(n, n)}.{k}": t for n, per in by_site.items() for k, t in per.items()}
+    tensors.update({layout.method.copies_prefix + k: take(t) for k, t in copy_tensors(layout.copies).items()})
+    if layout.shared is not None:  # under the method's own keys
+        tensors.update({k: take(t) for k, t in layout.method.shared_tensors(layout.shared).items()})
+    return tensors
+
+
+@on_flat_graph  # an outlined graph (fxpeft.passes.OutlineBlocks) is inlined for the call
 def save_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_name: str = "default", *,
                  convert_to_original_base: bool = False,
                  path_initial_model_for_weight_conversion: str | os.PathLike | None = None) -> None:
@@ -237,50 +317,15 @@ def save_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_name:
         >>> sorted(f for f in os.listdir(d) if not f.startswith("."))
         ['adapter_config.json', 'adapter_model.safetensors']
     """
-    own = {p: m for p, m in adapter_modules(gm).items() if m.adapter_name == adapter_name}
-    mods = {m.site_name: m for m in site_adapters(own).values()}
-    copies = {p: m for p, m in own.items() if isinstance(m, FullCopy)}  # modules_to_save, trained biases
-    if not mods:
-        have = sorted({m.adapter_name for m in adapter_modules(gm).values()})
-        raise AdapterFileError(f"the graph holds no adapter named {adapter_name!r} (it holds {have}); "
-                               "pass adapter_name=, or rewrite the graph first")
-    # companions (another method's adapters that the primary config asked for beside its own: Method.companions)
-    # are written under the primary's config and keys
-    extra = {n: m for n, m in mods.items() if m.companion}
-    mods = {n: m for n, m in mods.items() if not m.companion}
-    if not mods:
-        raise AdapterFileError(f"adapter {adapter_name!r} holds only companion adapters, without the config that "
-                               "asked for them; it cannot be written as a PEFT adapter")
-    methods = {m.method for m in mods.values()}
-    if len(methods) > 1:
-        raise AdapterFileError(f"adapter {adapter_name!r} mixes methods {sorted(methods)}; one PEFT adapter file holds "
-                               "one method. Give each method its own adapter name")
-    method = PeftRegistry.get(methods.pop())
-    sites = find_sites(gm, CALL_KINDS | method.site_kinds)
-    lost = [s for s in mods if s not in sites]
-    if lost:
-        raise AdapterFileError(f"adapter sites {lost[:3]} are no longer call sites of this graph; was it edited by hand?")
-    config = _config_for(gm, method, mods, sites, copies)
-    for m_name in sorted({m.method for m in extra.values()}):
-        config.update(PeftRegistry.get(m_name).companion_fields(
-            {n: m for n, m in extra.items() if m.method == m_name}, sites))
-    shapes = _check_round_trip(gm, method, config, mods, sites, copies)
-    shapes.update(_companion_round_trip(gm, method, config, extra, sites))
-    by_site = {n: {k: t.detach().to("cpu").reshape(shapes[n][k]).contiguous().clone()
-                   for k, t in method.site_tensors(m, sites[n]).items()} for n, m in mods.items()}
+    layout = _adapter_layout(gm, adapter_name)
+    method, config, mods, sites = layout.method, layout.config, layout.mods, layout.sites
+    by_site = _by_site(layout, mods, _file_copy)
     if convert_to_original_base or path_initial_model_for_weight_conversion is not None:
         initial = _initial_tensors(method, mods, sites, by_site, path_initial_model_for_weight_conversion,
                                    convert_to_original_base)
         config, by_site = method.convert_to_original_base(config, by_site, initial)
-    by_site.update({n: {k: t.detach().to("cpu").reshape(shapes[n][k]).contiguous().clone()
-                        for k, t in PeftRegistry.get(m.method).site_tensors(m, sites[n]).items()}
-                    for n, m in extra.items()})
-    names = method.file_names(gm, [sites[n] for n in mods])
-    tensors = {f"{_PREFIX}{names.get(n, n)}.{k}": t.contiguous() for n, per in by_site.items() for k, t in per.items()}
-    tensors.update({_PREFIX + k: t.to("cpu").contiguous().clone() for k, t in copy_tensors(copies).items()})
-    shared = getattr(gm, Method.shared_path(method.name, adapter_name), None)
-    if shared is not None:  # state every site of the adapter reads (VeRA's matrices), under the method's keys
-        tensors.update({k: t.detach().to("cpu").contiguous().clone() for k, t in method.shared_tensors(shared).items()})
+    by_site.update(_by_site(layout, layout.extra, _file_copy))
+    tensors = {k: t.contiguous() for k, t in _keyed_tensors(layout, by_site, _file_copy).items()}
     _warn_differences(method, [sites[n] for n in mods], "save_adapter")
     _commit(_prepare_dir(directory), [(WEIGHTS_NAME, _tensor_writer(tensors)),
                                       (CONFIG_NAME, _text_writer(json.dumps(config, indent=2, sort_keys=True) + "\n"))])
@@ -521,6 +566,7 @@ def _open_adapter_dir(directory: str | os.PathLike) -> tuple[dict[str, Any], dic
         return config, _read_tensors(weights)
 
 
+@on_flat_graph  # an outlined graph (fxpeft.passes.OutlineBlocks) is inlined for the call
 def load_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_name: str = "default") -> fx.GraphModule:
     """Load a PEFT-format adapter directory (written by fxpeft or by PEFT) into ``gm``.
 
@@ -577,7 +623,7 @@ def load_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_name:
     except TargetError as e:
         raise AdapterFileError(f"{CONFIG_NAME} does not fit this graph: {e}") from e
     shared = _take_shared(tensors, method.shared_shapes(fx_config, chosen))
-    copied = take_copy_tensors(tensors, plans, _PREFIX)
+    copied = take_copy_tensors(tensors, plans, method.copies_prefix)
     names = method.file_names(gm, chosen)  # where the file keeps each site's tensors (its site name by default)
     by_path, base = _match_tensors(tensors, {**{names[n]: v for n, v in shapes.items()}, **extra},
                                    method.refused_keys(), gm, {**sites, **{names[s.name]: s for s in chosen}})
@@ -609,6 +655,7 @@ def load_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_name:
     return gm
 
 
+@on_flat_graph  # an outlined graph (fxpeft.passes.OutlineBlocks) is inlined for the call
 def hotswap_adapter(gm: fx.GraphModule, directory: str | os.PathLike, adapter_name: str = "default") -> None:
     """Replace an adapter's weights (and scaling) in place from a PEFT-format directory: no new code, and a
     compiled graph does not recompile (PEFT's ``hotswap_adapter``).
@@ -721,19 +768,54 @@ def _size_bytes(size: int | str) -> int:
     return value
 
 
-def _merged_state(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
-    """The graph's state under the model's names, one entry per tensor (tied aliases dropped, as HF does).
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """``t`` whole: a DTensor (a ``fully_shard`` graph's parameter) is gathered, a plain tensor is itself.
 
-    Returns the state and, for each kept name, the aliases dropped in its favour.
+    Every rank must call it for the same DTensors in the same order (it is a collective)."""
+    full = getattr(t, "full_tensor", None)
+    return full() if callable(full) else t
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return callable(getattr(t, "full_tensor", None))
+
+
+@contextlib.contextmanager
+def _gathered(module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Give ``module`` plain, whole tensors in place of its DTensor parameters and buffers while in the block (a
+    method's fold or file hooks then run as on one process). Yields them by name; a plain module is left alone."""
+    sharded = {n: t for n, t in [*module.named_parameters(), *module.named_buffers()] if _is_dtensor(t)}
+    if not sharded:
+        yield {}
+        return
+    whole = {n: _full(t.detach()) for n, t in sharded.items()}  # [global shape], one adapter at a time
+    with _reparametrize_module(module, whole, strict=False):
+        yield whole
+
+
+def _storage_key(name: str, t: torch.Tensor) -> tuple:
+    """Tensors with equal keys are one tensor under two names (tied weights)."""
+    local = t.to_local() if _is_dtensor(t) else t
+    if not local.numel():
+        return (name,)
+    return (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(t.shape), tuple(local.stride()),
+            t.dtype, local.device)
+
+
+def _merged_state(gm: fx.GraphModule, skip: Callable[[str], bool] = lambda n: False
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, list[str]], set[str]]:
+    """The graph's state under the model's names, one entry per tensor (tied aliases dropped, as HF does), leaving
+    out the names ``skip`` picks (an unmerged graph's adapters).
+
+    Returns the state (in the graph's order), for each kept name the aliases dropped in its favour, and the names
+    whose tensor must be written from its own copy (they overlap another's storage, or are not contiguous).
     """
     head = graph_info(gm).output_head or ""
-    state = gm.state_dict()
+    state = {n: t for n, t in gm.state_dict(keep_vars=True).items() if not skip(n)}
     position = {n: i for i, n in enumerate(state)}
     groups: dict[tuple, list[str]] = {}
     for name, t in state.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype,
-               t.device) if t.numel() else (name,)
-        groups.setdefault(key, []).append(name)
+        groups.setdefault(_storage_key(name, t), []).append(name)
     kept: dict[str, torch.Tensor] = {}
     aliases: dict[str, list[str]] = {}
     for names in groups.values():
@@ -743,16 +825,100 @@ def _merged_state(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[str
         aliases[order[0]] = order[1:]
     kept = {n: kept[n] for n in state if n in kept}  # the graph's order
     seen: set[int] = set()
+    own_copy: set[str] = set()
     for n, t in kept.items():  # safetensors refuses two entries over one storage: give overlaps their own copy
-        ptr = t.untyped_storage().data_ptr()
-        if (ptr in seen and t.numel()) or not t.is_contiguous():
-            kept[n] = t.contiguous().clone()
+        local = t.to_local() if _is_dtensor(t) else t
+        ptr = local.untyped_storage().data_ptr()
+        if (ptr in seen and t.numel()) or not local.is_contiguous():
+            own_copy.add(n)
         seen.add(ptr)
-    return kept, aliases
+    return kept, aliases, own_copy
 
 
-def save_merged(merged_gm: fx.GraphModule, directory: str | os.PathLike, max_shard_size: int | str = "5GB", *,
-                config: Any = None) -> list[str]:
+def _adapter_state(gm: fx.GraphModule) -> Callable[[str], bool]:
+    """Picks the state-dict names that belong to adapters (their modules, their methods' shared state): what a
+    merge removes from the graph."""
+    mods = adapter_modules(gm)
+    roots = tuple(f"{p}." for p in mods) + tuple(
+        f"{Method.shared_path(m.method, m.adapter_name)}." for m in mods.values()
+        if hasattr(gm, Method.shared_path(m.method, m.adapter_name)))
+    return lambda name: name.startswith(roots)
+
+
+def _fold_plan(gm: fx.GraphModule, state: dict[str, torch.Tensor]) -> dict[str, Callable[[], torch.Tensor]]:
+    """For :func:`save_merged` on an unmerged graph: each base tensor that :func:`fxpeft.merge` would change, with
+    a function computing its merged value (the same fp32 fold, cast back) without changing the graph.
+
+    Raises:
+        AdapterFileError: a merge that does more than fold weights in place (a tied weight it would untie, a bias
+            it would add, modules_to_save copies); merge first for those.
+    """
+    from .lifecycle import active_adapters
+    from .passes.merge import _fits, _own_readers, _readers_index
+
+    mods = adapter_modules(gm)
+    names = active_adapters(gm)  # as fxpeft.merge: the active adapters, less those merged_adapter folded already
+    fold = [n for n in names if not all(m.merged for m in mods.values() if m.adapter_name == n)]
+    mods = {p: m for p, m in mods.items() if m.adapter_name in fold}
+    merge_first = "; call fxpeft.merge(gm) and then save_merged(gm, ...) instead (it holds the merged model once)"
+    if any(isinstance(m, FullCopy) for m in mods.values()):
+        raise AdapterFileError("save_merged(merge=True) does not stream adapters with modules_to_save or trained "
+                               "biases" + merge_first)
+    sites = find_sites(gm, SITE_KINDS)
+    plan: dict[str, list[AdapterModule]] = {}
+    for m in site_adapters(mods).values():
+        plan.setdefault(m.site_name, []).append(m)
+    readers = _readers_index(gm)
+    where = {id(p): n for n, p in gm.named_parameters(remove_duplicate=False) if n in state}
+    out: dict[str, Callable[[], torch.Tensor]] = {}
+    for name, group in plan.items():
+        site = sites[name]
+        weight = gm.get_parameter(site.weight)
+        bias = gm.get_parameter(site.bias) if site.bias else None
+        if any(u not in _own_readers(site) for u in readers.get(id(weight), ())):
+            raise AdapterFileError(f"{name!r} shares its weight with another call site (tied weights), which a merge "
+                                   "unties" + merge_first)
+        memo: dict[str, torch.Tensor | None] = {}
+
+        def folded(part: str, site=site, group=group, weight=weight, bias=bias, memo=memo) -> torch.Tensor:
+            if part not in memo:  # once per site: the weight's fold gives the bias too; kept only until it is read
+                with torch.no_grad(), contextlib.ExitStack() as stack:
+                    for m in group:
+                        stack.enter_context(_gathered(m))
+                    w = _full(weight.detach()).float()
+                    b = None if bias is None else _full(bias.detach()).float()
+                    for m in group:  # as the merge pass: every adapter's fold in turn, in fp32
+                        w, b = PeftRegistry.get(m.method).fold(m, site, w, b)
+                if not (_fits(w, weight.dtype) and (b is None or _fits(b, weight.dtype))):
+                    raise MergeError(f"merging {[m.adapter_name for m in group]} into {site.weight!r} gives non-finite "
+                                     "values (NaN/inf); the adapter weights have diverged. Nothing was written")
+                if bias is None and b is not None:
+                    raise AdapterFileError(f"the merge gives {site.name!r} a bias it has not (lora_bias)" + merge_first)
+                memo.update(weight=w.to(weight.dtype), bias=None if b is None else b.to(bias.dtype))
+            return memo.pop(part)
+
+        out[where[id(weight)]] = functools.partial(folded, "weight")
+        if bias is not None:
+            out[where[id(bias)]] = functools.partial(folded, "bias")
+    return out
+
+
+def _shard_plan(state: dict[str, torch.Tensor], limit: int) -> list[list[str]]:
+    """The names of each shard, in order: a new shard starts where the next tensor would pass ``limit``."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def save_merged(gm: fx.GraphModule, directory: str | os.PathLike, max_shard_size: int | str = "5GB", *,
+                config: Any = None, merge: bool = False) -> list[str]:
     """Write a merged graph's weights as safetensors under the original model's parameter names.
 
     The names are the traced model's ``state_dict`` names, so ``model.load_state_dict(...)`` takes them, and with
@@ -761,70 +927,100 @@ def save_merged(merged_gm: fx.GraphModule, directory: str | os.PathLike, max_sha
     ``model-00001-of-0000N.safetensors`` with ``model.safetensors.index.json`` (HF's layout); one shard is
     ``model.safetensors``. Every file is written atomically; stale shards of an earlier save are removed.
 
+    **Streaming.** Shards are built one at a time while they are written: memory beyond the model is one shard.
+    With ``merge=True`` the graph may still hold its adapters: each merged weight is computed as its shard is
+    written (the methods' fp32 folds, as :func:`fxpeft.merge`), so the merged model is never built and ``gm`` is
+    not changed; the files are bit-identical to ``save_merged(fxpeft.merge(gm), ...)``. Under ``fully_shard``
+    (DTensor parameters) call it on every rank: each tensor is gathered in turn (``full_tensor()``), and only rank
+    0 holds it and writes, so no rank holds more than one shard of the whole model.
+
     Args:
-        merged_gm: a graph after :func:`fxpeft.merge` (no adapters left).
+        gm: a graph after :func:`fxpeft.merge` (no adapters left), or with ``merge=True`` one with adapters.
         directory: created if missing.
         max_shard_size: bytes, or a string such as ``"5GB"``, ``"500MB"``, ``"2GiB"`` (HF's units).
         config: the model's HF config (``model.config``), optional. If given it is written as ``config.json``
             (with ``architectures`` filled in), so ``<Class>.from_pretrained(directory)`` works; if the merge
             untied the output head from the embeddings, the written config says ``tie_word_embeddings=False``
             so transformers does not tie the merged head back to the embedding.
+        merge: fold the active adapters in while writing (as :func:`fxpeft.merge` would), leaving ``gm`` as it is.
+            Refused for merges that change more than weights in place (tied weights, modules_to_save, lora_bias).
 
     Returns:
         The weight files written, in order.
 
     Raises:
-        AdapterFileError: the graph still holds adapters, or ``max_shard_size`` is invalid.
+        AdapterFileError: the graph still holds adapters (without ``merge=True``), a merge that cannot stream, or
+            ``max_shard_size`` is invalid.
+        MergeError: a merged weight would be NaN/inf; nothing was written.
 
     Example:
         >>> import torch, fxpeft, tempfile
         >>> lin = torch.nn.Sequential(torch.nn.Linear(4, 4))
-        >>> gm = fxpeft.merge(fxpeft.rewrite(fxpeft.trace(lin), fxpeft.LoraConfig(r=2, target_modules=["0"])))
-        >>> fxpeft.save_merged(gm, tempfile.mkdtemp())
+        >>> gm = fxpeft.rewrite(fxpeft.trace(lin), fxpeft.LoraConfig(r=2, target_modules=["0"]))
+        >>> fxpeft.save_merged(gm, tempfile.mkdtemp(), merge=True)  # gm keeps its adapter
         ['model.safetensors']
     """
-    left = sorted({m.adapter_name for m in adapter_modules(merged_gm).values()})
-    if left:
-        raise AdapterFileError(f"the graph still holds adapters {left}; call fxpeft.merge(gm) before save_merged")
+    has_adapters = bool(adapter_modules(gm))
+    if has_adapters and not merge:
+        left = sorted({m.adapter_name for m in adapter_modules(gm).values()})
+        raise AdapterFileError(f"the graph still holds adapters {left}; call fxpeft.merge(gm) before save_merged, or "
+                               "pass merge=True to fold them in while writing")
     limit = _size_bytes(max_shard_size)
-    state, aliases = _merged_state(merged_gm)
-
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
+    state, aliases, own_copy = _merged_state(gm, _adapter_state(gm) if has_adapters else (lambda n: False))
+    folds = _fold_plan(gm, state) if has_adapters else {}
+    shards = _shard_plan(state, limit)
     if len(shards) == 1:
         files = ["model.safetensors"]
     else:
         files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    sharded = any(_is_dtensor(t) for t in state.values())
+    writer = not sharded or not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
-    hf_config = getattr(config, "config", config)  # a model is accepted for its config
-    config_text = None
-    if hf_config is not None:
-        hf_config = copy.deepcopy(hf_config)
-        cls = _model_class(merged_gm)
-        if not getattr(hf_config, "architectures", None) and cls:
-            hf_config.architectures = [cls]
-        head = graph_info(merged_gm).output_head or ""
-        if getattr(hf_config, "tie_word_embeddings", False) and f"{head}.weight" in state and not aliases.get(f"{head}.weight"):
-            hf_config.tie_word_embeddings = False
-            warnings.warn(f"save_merged: the merge untied {head}.weight from the input embedding; config.json says "
-                          "tie_word_embeddings=False so transformers keeps the merged head")
-        config_text = hf_config.to_json_string(use_diff=True)
+    def tensor(name: str) -> torch.Tensor:
+        if name in folds:
+            return folds[name]()
+        t = _full(state[name].detach())
+        return t.contiguous().clone() if name in own_copy else t
 
-    plan = [(f, _tensor_writer(shard)) for f, shard in zip(files, shards)]
+    if not writer:  # the other ranks take part in each gather, in rank 0's order, and drop the result
+        for names in shards:
+            for n in names:
+                tensor(n)
+        torch.distributed.barrier()  # returns when the files are in place
+        return files
+
+    def shard_writer(names: list[str]) -> Callable[[str], None]:
+        return lambda tmp: save_file({n: tensor(n) for n in names}, tmp, metadata={"format": "pt"})
+
+    plan = [(f, shard_writer(names)) for f, names in zip(files, shards)]
     if len(files) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                 "weight_map": {n: f for f, shard in zip(files, shards) for n in sorted(shard)}}
+                 "weight_map": {n: f for f, names in zip(files, shards) for n in sorted(names)}}
         plan.append((_INDEX, _text_writer(json.dumps(index, indent=2, sort_keys=True) + "\n")))
+    config_text = _merged_config_text(gm, config, state, aliases)
     if config_text is not None:
         plan.insert(0, ("config.json", _text_writer(config_text)))
     # The shards of an earlier, differently sharded save go in the same commit as the new files.
     _commit(_prepare_dir(directory), plan, stale=lambda f: bool(re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", f))
             or f in ("model.safetensors", _INDEX))
+    if sharded and torch.distributed.is_initialized():
+        torch.distributed.barrier()
     return files
+
+
+def _merged_config_text(gm: fx.GraphModule, config: Any, state: dict[str, torch.Tensor],
+                        aliases: dict[str, list[str]]) -> str | None:
+    """``config.json``'s text for a merged checkpoint (``config``: an HF config, or a model for its config)."""
+    hf_config = getattr(config, "config", config)
+    if hf_config is None:
+        return None
+    hf_config = copy.deepcopy(hf_config)
+    cls = _model_class(gm)
+    if not getattr(hf_config, "architectures", None) and cls:
+        hf_config.architectures = [cls]
+    head = graph_info(gm).output_head or ""
+    if getattr(hf_config, "tie_word_embeddings", False) and f"{head}.weight" in state and not aliases.get(f"{head}.weight"):
+        hf_config.tie_word_embeddings = False
+        warnings.warn(f"save_merged: the merge untied {head}.weight from the input embedding; config.json says "
+                      "tie_word_embeddings=False so transformers keeps the merged head")
+    return hf_config.to_json_string(use_diff=True)

@@ -29,6 +29,7 @@ from .copies import check_active
 from .errors import ConfigError
 from .passes import FoldAdapters, MergeAdapters, RemoveAdapters
 from .passes.inject import adapter_modules, ordered_names
+from .passes.outline import on_flat_graph
 from .passes.remove import select_adapters
 from .passes.transaction import transaction
 
@@ -131,6 +132,7 @@ def disable_adapters(gm: fx.GraphModule) -> Iterator[None]:
             FoldAdapters(tuple(merged))(gm)
 
 
+@on_flat_graph  # an outlined graph (fxpeft.passes.OutlineBlocks) is inlined for the call
 def delete_adapter(gm: fx.GraphModule, adapter_name: str) -> fx.GraphModule:
     """Remove an adapter: its nodes, parameters and tags. Deleting the last one gives back the base ``gm.code``.
 
@@ -147,17 +149,20 @@ def delete_adapter(gm: fx.GraphModule, adapter_name: str) -> fx.GraphModule:
     return RemoveAdapters(_names(adapter_name))(gm).graph_module
 
 
+@on_flat_graph  # an outlined graph (fxpeft.passes.OutlineBlocks) is inlined for the call
 def merge_adapter(gm: fx.GraphModule, adapter_names: str | list[str] | None = None) -> fx.GraphModule:
     """Fold the active (or named) adapters into the base weights, keeping them, so that
     :func:`unmerge_adapter` can take them out again. An adapter already merged warns and is skipped."""
     return FoldAdapters(_names(adapter_names))(gm).graph_module
 
 
+@on_flat_graph  # an outlined graph (fxpeft.passes.OutlineBlocks) is inlined for the call
 def unmerge_adapter(gm: fx.GraphModule) -> fx.GraphModule:
     """Take every merged adapter back out of the base weights (fp32 subtraction of the same delta)."""
     return FoldAdapters(undo=True)(gm).graph_module
 
 
+@on_flat_graph  # an outlined graph (fxpeft.passes.OutlineBlocks) is inlined for the call
 def merge(gm: fx.GraphModule, adapter_names: str | list[str] | None = None) -> fx.GraphModule:
     """PEFT's ``merge_and_unload``: fold the active (or named) adapters into the weights and remove every adapter.
 
@@ -185,10 +190,12 @@ def merge(gm: fx.GraphModule, adapter_names: str | list[str] | None = None) -> f
     with transaction(gm):  # merged adapters' folds are in the weights already: their graph part just goes
         if fold:
             MergeAdapters(fold)(gm)
-        RemoveAdapters()(gm)
+        if not fold or adapter_modules(gm):  # MergeAdapters linted what it left; lint again only for more edits
+            RemoveAdapters()(gm)
     return gm
 
 
+@on_flat_graph  # an outlined graph (fxpeft.passes.OutlineBlocks) is inlined for the call
 def unload(gm: fx.GraphModule) -> fx.GraphModule:
     """PEFT's ``unload``: remove every adapter without merging. Merged adapters are first taken out of the
     weights, so the result is the base graph."""

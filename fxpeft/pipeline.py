@@ -8,7 +8,7 @@ from torch import fx
 
 from .errors import ConfigError
 from .passes import FuseLowRankSiblings, InjectAdapter
-from .passes.transaction import transaction
+from .passes.transaction import lint, transaction
 from .registry import PeftRegistry
 from .serialize import defer_codegen
 
@@ -29,6 +29,6 @@ def rewrite_graph(gm: fx.GraphModule, config: Any, adapter_name: str = "default"
         for extra in PeftRegistry.for_config(config).companions(config):
             InjectAdapter(extra, adapter_name, recompile=False)(gm)
         if not fuse or not FuseLowRankSiblings(adapter_names=(adapter_name,), recompile=False)(gm).modified:
-            gm.graph.lint()  # the fuse pass lints what it changes
+            lint(gm)  # the fuse pass lints what it changes
         defer_codegen(gm)
     return gm

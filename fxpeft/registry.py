@@ -345,6 +345,8 @@ class Method:
             PEFT files carry no ``target_modules`` (prompt learning: the input embedding).
         peft_absent_fields: generic config fields (``target_modules``...) that PEFT's config for this method does
             not have: files leave them out, as PEFT writes them.
+        copies_prefix: the key prefix of the ``modules_to_save`` tensors in PEFT's files: ``base_model.model.``
+            (a tuner wraps the model), ``base_model.`` for prompt learning (PEFT wraps no tuner there).
     """
 
     name: ClassVar[str] = ""
@@ -358,6 +360,7 @@ class Method:
     peft_fields: ClassVar[frozenset[str]] = frozenset()
     targets_from_graph: ClassVar[bool] = False
     peft_absent_fields: ClassVar[frozenset[str]] = frozenset()
+    copies_prefix: ClassVar[str] = "base_model.model."
 
     # ---------------------------------------------------------------------------------------- config
     @classmethod

@@ -15,6 +15,7 @@ A module called twice is one site with two calls.
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -60,6 +61,7 @@ _TRANSPOSES = {aten.t.default, torch.t, aten.numpy_T.default}
 # normalization op -> (input position, weight position, bias position or None)
 _NORM_OPS = {aten.layer_norm.default: (0, 2, 3), aten.native_layer_norm.default: (0, 2, 3),
              aten.group_norm.default: (0, 2, 3), aten.rms_norm.default: (0, 2, None),
+             aten._fused_rms_norm.default: (0, 2, None),
              F.layer_norm: (0, 2, 3), F.group_norm: (0, 2, 3), F.rms_norm: (0, 2, None),
              torch.layer_norm: (0, 2, 3), torch.group_norm: (0, 2, 3), torch.rms_norm: (0, 2, None)}
 _NORM_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
@@ -149,8 +151,9 @@ def graph_dialect(gm: fx.GraphModule) -> str:
 def _attr(gm: fx.GraphModule, target: str):
     try:
         obj = gm
-        for part in target.split("."):
-            obj = getattr(obj, part)
+        for part in target.split("."):  # submodules straight from their table: nn.Module.__getattr__ is slow
+            modules = getattr(obj, "__dict__", {}).get("_modules")
+            obj = modules[part] if modules is not None and part in modules else getattr(obj, part)
         return obj
     except AttributeError:
         return None
@@ -441,7 +444,8 @@ def _parameter_sites(gm: fx.GraphModule, sites: dict[str, Site]) -> None:
 
     Named by the parameter's path (``<path>:parameter`` if a call site already has that name). In/out follow PEFT's
     ``ParamWrapper``: a 2-D ``[out, in]``; a 3-D ``[experts, out, in]``, or ``[experts, in, out]`` when the owning
-    module says ``is_transposed`` (``fan_in_fan_out`` then)."""
+    module says ``is_transposed`` (``fan_in_fan_out`` then). A conv's weight ``[out, in, *k]`` (its module a conv, or
+    marked ``is_conv`` by :func:`fxpeft.trace`) is seen as conv LoRA sees it: ``[out, in·k]``, ``kernel_size`` set."""
     for node in gm.graph.nodes:
         if node.op != "get_attr" or get_tag(node) is not None or not node.users:
             continue
@@ -452,21 +456,28 @@ def _parameter_sites(gm: fx.GraphModule, sites: dict[str, Site]) -> None:
         only = next(iter(node.users)) if len(node.users) == 1 else None
         user = only if only is not None and (t := get_tag(only)) is not None and t.replaces is not None else None
         call = Call(node, 0, node, user)
-        hit = next((s for s in sites.values() if s.kind == "parameter" and s.weight == node.target), None)
+        # a parameter site is named by its weight (``:parameter`` added on a clash): two lookups, not a scan
+        hit = next((s for s in (sites.get(node.target), sites.get(f"{node.target}:parameter"))
+                    if s is not None and s.kind == "parameter" and s.weight == node.target), None)
         if hit is not None:
             hit.calls.append(call)
             continue
         parent = node.target.rpartition(".")[0]
-        transposed = p.dim() == 3 and bool(getattr(_attr(gm, parent) if parent else gm, "is_transposed", False))
+        owner = _attr(gm, parent) if parent else gm
+        transposed = p.dim() == 3 and bool(getattr(owner, "is_transposed", False))
         shape = tuple(p.shape)
-        if p.dim() == 3:
+        # a conv's weight read directly (Mamba's depthwise conv1d): its update uses conv LoRA's (out, in·k) view
+        conv = p.dim() >= 3 and (isinstance(owner, nn.modules.conv._ConvNd) or getattr(owner, "is_conv", False) is True)
+        if conv:
+            out_f, in_f = shape[0], math.prod(shape[1:])
+        elif p.dim() == 3:
             out_f, in_f = (shape[2], shape[1]) if transposed else (shape[1], shape[2])
         else:  # 1-D (refused by the method) or 2-D [out, in]
             out_f, in_f = shape[0] if shape else 1, shape[1] if p.dim() >= 2 else 1
         name = node.target if node.target not in sites else f"{node.target}:parameter"
         sites[name] = Site(name=name, kind="parameter", weight=node.target, bias=None, in_features=in_f,
                            out_features=out_f, fan_in_fan_out=transposed, module_type=_reader_class(node), calls=[call],
-                           param_shape=shape)
+                           param_shape=shape, kernel_size=shape[2:] if conv else ())
 
 
 def _reader_class(node: fx.Node) -> str:

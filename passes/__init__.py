@@ -11,7 +11,9 @@ from .inject import InjectAdapter
 from .merge import MergeAdapters
 from .mixed import MixedBatch
 from .normalize import DropoutToModule
+from .norms import FuseRMSNorm
+from .outline import InlineBlocks, OutlineBlocks
 from .remove import RemoveAdapters
 
 __all__ = ["InjectAdapter", "MergeAdapters", "RemoveAdapters", "FoldAdapters", "DropoutToModule", "FuseLowRankSiblings",
-           "UnfuseLowRankSiblings", "MixedBatch", "NormalizeAttention"]
+           "UnfuseLowRankSiblings", "MixedBatch", "NormalizeAttention", "OutlineBlocks", "InlineBlocks"]

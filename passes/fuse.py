@@ -37,7 +37,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from fxpeft.registry import fx_callable
 from fxpeft.tags import AdapterTag, Role, get_tag, graph_info, set_tag
 
-from .transaction import transaction
+from .transaction import lint, transaction
 
 __all__ = ["FuseLowRankSiblings", "UnfuseLowRankSiblings", "low_rank_chains"]
 
@@ -94,8 +94,9 @@ def low_rank_chains(gm: fx.GraphModule) -> list[_Chain]:
 
 def _get(gm: fx.GraphModule, target: str):
     obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
+    for part in target.split("."):  # submodules straight from their table: nn.Module.__getattr__ is slow
+        modules = obj.__dict__.get("_modules")
+        obj = modules[part] if modules is not None and part in modules else getattr(obj, part)
     return obj
 
 
@@ -248,7 +249,7 @@ class FuseLowRankSiblings:
             with transaction(gm):
                 for group in groups:
                     _fuse_group(gm, group, pos)
-                gm.graph.lint()
+                lint(gm)
                 if self.recompile:
                     gm.recompile()
         return PassResult(gm, bool(groups))

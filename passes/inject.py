@@ -23,7 +23,7 @@ from fxpeft.sites import CALL_KINDS, Site, find_sites
 from fxpeft.tags import AdapterTag, PendingBuild, Role, get_tag, graph_info, set_graph_info
 from fxpeft.targeting import select_sites
 
-from .transaction import transaction
+from .transaction import lint, transaction
 
 __all__ = ["InjectAdapter", "build_adapters", "adapter_nodes", "adapter_modules", "ordered_names", "freeze_base", "check_adapter_name"]
 
@@ -62,18 +62,22 @@ def freeze_base(gm: torch.nn.Module) -> None:
     """Make the parameters of active adapters trainable and every other parameter frozen. The first call
     records each base parameter's flag in the graph info, so removing the last adapter restores them."""
     adapters = [m for m in gm.modules() if isinstance(m, AdapterModule)]
-    shared = {id(p) for m in adapters if (s := getattr(gm, Method.shared_path(m.method, m.adapter_name), None))
-              is not None for p in s.parameters()}
-    own = {id(p) for m in adapters for p in m.parameters()}
+    shared = set()
+    for method, name in {(m.method, m.adapter_name) for m in adapters}:  # one look-up per adapter, not per site
+        state = gm._modules.get(Method.shared_path(method, name))  # a top-level submodule
+        if state is not None:
+            shared.update(id(p) for p in state.parameters())
     trainable = {id(p) for m in adapters if m.enabled for p in m.trainable_parameters()}
     info = graph_info(gm)
     if info.frozen is None:
-        adapter_ids = own | shared  # once, not per parameter
+        adapter_ids = {id(p) for m in adapters for p in m.parameters()} | shared  # once, not per parameter
         info.frozen = {n: p.requires_grad for n, p in gm.named_parameters() if id(p) not in adapter_ids}
         set_graph_info(gm, info)
     for p in gm.parameters():
         if id(p) not in shared:  # shared state keeps the flags its method gave it (VeRA's frozen matrices)
-            p.requires_grad_(id(p) in trainable)
+            flag = id(p) in trainable
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
 
 
 def _adapter_path(gm: fx.GraphModule, site: Site, method: str, adapter_name: str) -> str:
@@ -224,6 +228,6 @@ class InjectAdapter:
                 now.pending_builds = (*now.pending_builds, pending)
                 set_graph_info(gm, now)
             if self.recompile:
-                gm.graph.lint()
+                lint(gm)
                 gm.recompile()
         return PassResult(gm, True)

@@ -22,11 +22,12 @@ from torch.fx.passes.infra.pass_base import PassResult
 from fxpeft.copies import FullCopy, site_adapters, write_copies
 from fxpeft.errors import MergeError
 from fxpeft.registry import AdapterModule, PeftRegistry
+from fxpeft.serialize import defer_codegen
 from fxpeft.sites import SITE_KINDS, Site, _attr, find_sites
 from fxpeft.tags import TAG_KEY, get_tag, graph_info
 
 from .remove import detach_adapters, restore_base_flags, select_adapters
-from .transaction import Transaction, transaction
+from .transaction import Transaction, lint, transaction
 
 __all__ = ["MergeAdapters"]
 
@@ -122,7 +123,7 @@ class MergeAdapters:
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         mods = select_adapters(gm, self.adapter_names)
         if not mods:
-            gm.graph.lint()
+            lint(gm)
             return PassResult(gm, False)
         sites = find_sites(gm, SITE_KINDS)
         copies = [m for m in mods.values() if isinstance(m, FullCopy)]
@@ -134,24 +135,44 @@ class MergeAdapters:
             plan.setdefault(m.site_name, []).append(m)
         with torch.no_grad(), transaction(gm) as txn:
             write_copies(gm, copies, txn)  # first: a bias a method folds into is the trained copy's
-            folded = {}
+            folded, sums = {}, []
             for name, group in plan.items():  # nothing stays written unless every merge is finite
                 weight, bias, w, b = _folded(gm, sites[name], group)
-                if not (_fits(w, weight.dtype) and (b is None or _fits(b, weight.dtype))):
-                    raise MergeError(f"merging {[m.adapter_name for m in group]} into {sites[name].weight!r} gives "
-                                     "non-finite values (NaN/inf); the adapter weights have diverged. Nothing was "
-                                     "merged; check the training (learning rate, loss scaling) or reload a good adapter.")
+                sums += [_finite_probe(t, weight.dtype) for t in (w, b) if t is not None]
                 # each fold computed once, kept in the weight's dtype: the memory the write swaps in anyway (the
                 # old data stays referenced until the transaction commits)
                 folded[name] = (weight, bias, w.to(weight.dtype),
                                 None if b is None else b.to((bias if bias is not None else weight).dtype))
                 del w, b
+            # one host sync for every fp32 fold's finiteness (a NaN/inf anywhere makes its sum non-finite)
+            if sums and not torch.isfinite(torch.stack([t.to(sums[0].device) for t in sums])).all():
+                _raise_not_finite(gm, sites, plan)
             _write(gm, sites, folded, txn)
             detach_adapters(gm, mods)
             restore_base_flags(gm)
-            gm.graph.lint()
-            gm.recompile()
+            lint(gm)
+            defer_codegen(gm)  # generated at the graph's first use, as after a rewrite
         return PassResult(gm, True)
+
+
+def _finite_probe(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A 0-d tensor finite iff the fp32 fold ``t`` fits ``dtype``, for one batched check: for fp32 its sum (no host
+    sync; a NaN/inf anywhere makes it non-finite); for a narrower dtype the range check runs here (:func:`_fits`)."""
+    if dtype == torch.float32 or not dtype.is_floating_point:
+        return t.sum().reshape(())
+    return t.new_full((), float("nan")) if not _fits(t, dtype) else t.new_zeros(())
+
+
+def _raise_not_finite(gm: fx.GraphModule, sites: dict[str, Site], plan: dict[str, list[AdapterModule]]) -> None:
+    """Name the first site whose merge is not finite (recomputed: only on the failure path)."""
+    for name, group in plan.items():
+        weight, _, w, b = _folded(gm, sites[name], group)
+        if not (_fits(w, weight.dtype) and (b is None or _fits(b, weight.dtype))):
+            raise MergeError(f"merging {[m.adapter_name for m in group]} into {sites[name].weight!r} gives "
+                             "non-finite values (NaN/inf); the adapter weights have diverged. Nothing was "
+                             "merged; check the training (learning rate, loss scaling) or reload a good adapter.")
+    raise MergeError("merging gives non-finite values (NaN/inf); the adapter weights have diverged. Nothing was "
+                     "merged; check the training (learning rate, loss scaling) or reload a good adapter.")
 
 
 def _folded(gm: fx.GraphModule, site: Site, group: list[AdapterModule]):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 from collections.abc import Iterator
 
 import torch
@@ -19,7 +20,66 @@ from torch import fx
 from fxpeft.serialize import codegen_deferred, defer_codegen
 from fxpeft.tags import INFO_KEY, graph_info, set_graph_info
 
-__all__ = ["Transaction", "transaction"]
+__all__ = ["Transaction", "transaction", "lint"]
+
+
+_LEGAL_OPS = frozenset({"placeholder", "call_method", "call_module", "call_function", "get_attr", "output", "root"})
+
+
+def lint(gm: fx.GraphModule) -> None:
+    """The checks of ``gm.graph.lint()`` (nodes owned by the graph, topological order, unique names, targets that
+    exist), with each target path resolved once: torch's lint walks every ``get_attr``/``call_module`` target from
+    the root through ``nn.Module.__getattr__``, most of its cost on a big graph. On any failure torch's own lint runs,
+    so the error is torch's.
+
+    Example:
+        >>> import torch, fxpeft
+        >>> from fxpeft.passes.transaction import lint
+        >>> gm = fxpeft.trace(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+        >>> lint(gm)
+    """
+    graph = gm.graph
+    if not _lint_ok(gm, graph):
+        graph.lint()  # raises torch's error for what failed here
+        raise RuntimeError("graph lint failed")  # torch's lint found nothing: should not happen
+
+
+def _lint_ok(gm: fx.GraphModule, graph: fx.Graph) -> bool:
+    seen: set[fx.Node] = set()
+    names: set[str] = set()
+    table = graph._find_nodes_lookup_table
+    for node in graph.nodes:
+        if node.op not in _LEGAL_OPS or node.graph is not graph or node not in table or node.name in names:
+            return False
+        if not all(a in seen for a in node._input_nodes):
+            return False
+        seen.add(node)
+        names.add(node.name)
+    if graph.owning_module is None:
+        return True
+    objects: dict[str, object] = {"": graph.owning_module}
+
+    def resolve(path: str) -> object:  # None when an atom is missing, as torch's lint reads it
+        if path not in objects:
+            parent, _, atom = path.rpartition(".")
+            owner = resolve(parent)
+            objects[path] = None if owner is None else getattr(owner, atom, None)
+        return objects[path]
+
+    for node in graph.nodes:
+        if node.op == "call_function":
+            if not callable(node.target):
+                return False
+        elif not isinstance(node.target, str):
+            return False
+        elif node.op in ("get_attr", "call_module"):
+            if resolve(node.target) is None:
+                return False
+            if node.op == "call_module":  # every atom of the path is a module
+                atoms = node.target.split(".")
+                if not all(isinstance(resolve(".".join(atoms[:i + 1])), torch.nn.Module) for i in range(len(atoms))):
+                    return False
+    return True
 
 
 #: the transaction open on each graph (by id), so that nested ones join it instead of snapshotting again.
@@ -126,14 +186,23 @@ def transaction(gm: fx.GraphModule) -> Iterator[Transaction]:
     if outer is not None:  # nested (a pass inside a pipeline): the outermost transaction restores everything
         yield outer
         return
-    txn = _OPEN[id(gm)] = Transaction(gm)
+    # A pass allocates thousands of small objects (nodes, tags, modules); each few hundred trigger a cyclic-GC
+    # collection that walks the whole heap (the model's graph with it): most of a big rewrite's time. The pass
+    # creates no garbage cycles worth collecting mid-way, so collection waits until it ends.
+    paused = gc.isenabled()
+    gc.disable()
     try:
-        yield txn
-        info = graph_info(gm)  # committed: what was built from the old graph is stale now
-        info.generation += 1
-        set_graph_info(gm, info)
-    except BaseException:
-        txn.rollback()
-        raise
+        txn = _OPEN[id(gm)] = Transaction(gm)
+        try:
+            yield txn
+            info = graph_info(gm)  # committed: what was built from the old graph is stale now
+            info.generation += 1
+            set_graph_info(gm, info)
+        except BaseException:
+            txn.rollback()
+            raise
+        finally:
+            del _OPEN[id(gm)]
     finally:
-        del _OPEN[id(gm)]
+        if paused:
+            gc.enable()

@@ -24,6 +24,8 @@ Measures:
             PEFT's same method
   moe       LoRA on a tiny Qwen3-MoE's 3-D expert parameters (PEFT's ``target_parameters``, r=16), one train step:
             fxpeft's parameter sites (W + ΔW per expert, read by every use) vs PEFT's ParamWrapper
+  alora     aLoRA (``alora_invocation_tokens``, r=16 on all 7 projections) unmerged inference on rows invoked at
+            different positions (one row without): fxpeft's in-graph offsets vs PEFT's per-row Python offsets
   memory    peak training memory: one fresh process per variant; set-up first, then malloc_trim and a
             reset of the peak-RSS counter (/proc/self/clear_refs), then the peak RSS growth over 2 steps.
             Also the bytes autograd saves for backward in one step (exact, via saved_tensors_hooks)
@@ -66,7 +68,7 @@ from fxpeft.zoo import tiny_llama  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ALL_MEASURES = ("rewrite", "train", "compile", "infer", "merged", "merge", "memory", "switch", "mixed", "dora", "methods",
-                "moe")
+                "moe", "alora")
 
 #: the other methods' train step against PEFT's same method (measure ``methods``): name -> PEFT config fields, on
 #: TARGETS. Each PEFT adapter starts non-zero (``init_weights=False``), is saved, and is loaded into the graph.
@@ -101,29 +103,34 @@ CASES = {
     "large": Case("large", 4, 1024, 4, 128, measures=("train", "infer", "memory")),
     "rewrite32": Case("rewrite32", 32, 512, 2, 16, dropouts=(0.1,), measures=("rewrite",)),
     "smoke": Case("smoke", 1, 64, 2, 16, dropouts=(0.0, 0.1), measures=("rewrite", "train", "infer", "merged", "merge", "dora",
-                                                                         "methods", "moe", "memory", "switch", "mixed"),
+                                                                         "methods", "moe", "alora", "memory", "switch",
+                                                                         "mixed"),
                   mixed_rows=4, mixed_seq=8, mixed_ks=(2,)),
 }
 
 # (measure, variant ratio key) -> (goal text, predicate on the median ratio)
 GOALS: dict[tuple[str, str], tuple[str, Callable[[float], bool]]] = {
-    ("train", "0.1"): ("≤ 0.85", lambda r: r <= 0.85),
-    ("train", "0.0"): ("≤ 0.95", lambda r: r <= 0.95),
+    # issue 16's goals (speed, round 2)
+    ("train", "0.1"): ("≤ 0.75", lambda r: r <= 0.75),
+    ("train", "0.0"): ("≤ 0.85", lambda r: r <= 0.85),
     ("compile", "0.1"): ("≤ 0.90", lambda r: r <= 0.90),
-    ("compile", "0.0"): ("≤ 0.90", lambda r: r <= 0.90),
-    ("infer", ""): ("≤ 0.95", lambda r: r <= 0.95),
+    ("compile", "0.0"): ("≤ 0.85", lambda r: r <= 0.85),
+    ("infer", ""): ("≤ 0.85", lambda r: r <= 0.85),
     ("merged", "graph"): ("1.00 ± 0.03", lambda r: abs(r - 1) <= 0.03),
+    ("merged", "hf"): ("≤ 0.90", lambda r: r <= 0.90),
     ("merged", "compiled"): ("1.00 ± 0.03", lambda r: abs(r - 1) <= 0.03),
-    ("rewrite", ""): ("≤ 0.50 and < 100 ms", lambda r: r <= 0.5),
+    ("rewrite", ""): ("≤ 0.20 and < 100 ms", lambda r: r <= 0.2),
+    ("merge", ""): ("≤ 1.0", lambda r: r <= 1.0),
     ("switch", ""): ("≤ 0.05", lambda r: r <= 0.05),
     ("mixed", "vs_peft"): ("< 1.0", lambda r: r < 1.0),
     ("mixed", "vs_single"): ("≤ 1.25", lambda r: r <= 1.25),
     ("mixed", "compiled"): ("≤ 1.25", lambda r: r <= 1.25),
-    ("memory", "0.0"): ("≤ 1.0", lambda r: r <= 1.0),
-    ("memory", "0.1"): ("≤ 1.0", lambda r: r <= 1.0),
+    ("memory", "0.0"): ("≤ 0.75", lambda r: r <= 0.75),
+    ("memory", "0.1"): ("≤ 0.75", lambda r: r <= 0.75),
     ("dora", "0.0"): ("≤ 0.80", lambda r: r <= 0.80),
     **{("methods", m): ("≤ 1.0", lambda r: r <= 1.0) for m in METHODS},
     ("moe", ""): ("≤ 1.0", lambda r: r <= 1.0),
+    ("alora", ""): ("≤ 0.90", lambda r: r <= 0.90),  # issue 13
 }
 
 
@@ -542,6 +549,35 @@ class Bench:
         self.add("moe", "", f"LoRA r={c.r} on Qwen3-MoE experts (target_parameters) train step",
                  summarize(times, "fxpeft", "peft"), {"rel_err_vs_peft": rel})
 
+    def alora(self) -> None:
+        """aLoRA: PEFT's adapter (non-zero init, the invocation at a different place in each row, one row without
+        it), saved and loaded into the graph, logits checked, then unmerged inference against PEFT's."""
+        import peft
+
+        c, invocation = self.case, [5, 6, 7]
+        ids = self.ids.clone()
+        for row in range(ids.shape[0] - 1):  # the last row keeps no invocation (its ids may hold one by chance)
+            start = (row + 1) * ids.shape[1] // (ids.shape[0] + 1)
+            ids[row, start:start + len(invocation)] = torch.tensor(invocation)
+        torch.manual_seed(0)
+        pm = peft.get_peft_model(copy.deepcopy(self.base_hf), peft.LoraConfig(
+            r=c.r, lora_alpha=c.alpha, target_modules=TARGETS, init_lora_weights=False,
+            alora_invocation_tokens=invocation, task_type="CAUSAL_LM"))
+        with tempfile.TemporaryDirectory() as d:
+            pm.save_pretrained(d)
+            gm = fxpeft.load_adapter(copy.deepcopy(self.base_gm), d)
+        pm.eval(), gm.eval()
+        with torch.no_grad():
+            ref = pm(input_ids=ids, use_cache=False).logits
+            rel = ((gm(input_ids=ids).logits - ref).double().norm() / ref.double().norm()).item()
+            with fxpeft.disable_adapters(gm):  # the adapter acts: the logits are not the base model's
+                acts = ((gm(input_ids=ids).logits - ref).double().norm() / ref.double().norm()).item()
+        log(f"[{c.name}] alora: eval logits rel err vs PEFT {rel:.2e} (base vs PEFT: {acts:.2e})")
+        times = alternate({"fxpeft": timed_inference(lambda: gm(input_ids=ids)),
+                           "peft": timed_inference(lambda: pm(input_ids=ids, use_cache=False))}, self.pairs("infer"), 2)
+        self.add("alora", "", f"aLoRA r={c.r} unmerged inference", summarize(times, "fxpeft", "peft"),
+                 {"rel_err_vs_peft": rel, "rel_base_vs_peft": acts})
+
     def memory(self, dropout: float) -> None:
         variants = ("fxpeft", "fxpeft_unfused", "peft")
         reps = 1 if (self.args.quick or self.case.name in ("smoke", "large")) else 3
@@ -598,6 +634,8 @@ class Bench:
             self.methods()
         if "moe" in ms:
             self.moe()
+        if "alora" in ms:
+            self.alora()
         for p in self.case.dropouts:
             if "memory" in ms:
                 self.memory(p)

@@ -1,7 +1,8 @@
 """The methods fxpeft ships, one file each. Importing this package registers them."""
 
-from . import adalora, boft, fourierft, hra, ia3, ln_tuning, loha, lokr, lora, miss, oft, p_tuning, poly, prompt_tuning, shira, trainable_tokens, vera  # noqa: F401  (registers the methods)
+from . import adalora, adaption_prompt, boft, fourierft, hra, ia3, ln_tuning, loha, lokr, lora, miss, oft, p_tuning, poly, prefix_tuning, prompt_tuning, shira, trainable_tokens, vera  # noqa: F401  (registers the methods)
 from .adalora import AdaLoraConfig
+from .adaption_prompt import AdaptionPromptConfig
 from .boft import BOFTConfig
 from .fourierft import FourierFTConfig
 from .hra import HRAConfig
@@ -15,8 +16,9 @@ from .oft import OFTConfig
 from .p_tuning import PromptEncoderConfig
 from .poly import PolyConfig
 from .shira import ShiraConfig
+from .prefix_tuning import PrefixTuningConfig
 from .prompt_tuning import PromptTuningConfig
 from .trainable_tokens import TrainableTokensConfig
 from .vera import VeraConfig
 
-__all__ = ["LoraConfig", "FourierFTConfig", "ShiraConfig", "AdaLoraConfig", "BOFTConfig", "HRAConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "LNTuningConfig", "MissConfig", "OFTConfig", "PolyConfig", "PromptEncoderConfig", "PromptTuningConfig", "TrainableTokensConfig", "VeraConfig"]
+__all__ = ["AdaptionPromptConfig", "LoraConfig", "FourierFTConfig", "ShiraConfig", "AdaLoraConfig", "BOFTConfig", "HRAConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "LNTuningConfig", "MissConfig", "OFTConfig", "PolyConfig", "PromptEncoderConfig", "PrefixTuningConfig", "PromptTuningConfig", "TrainableTokensConfig", "VeraConfig"]

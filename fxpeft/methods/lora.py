@@ -76,7 +76,10 @@ of the invocation sequence in ``input_ids`` to the end; before it, the outputs a
 cache built by the base stays valid); a row without it gets no update. The start is computed in the graph from the
 ``input_ids`` input feeding the input embedding (windows compared with the tokens, the last match per row, a
 ``[B, T, 1]`` mask on the update), so torch.compile and a .pt2 export run it. PEFT's ``alora_offsets`` count the same
-start back from the end of the row, padding included: ``offset = T - start``. Not a weight delta, so never merged.
+start back from the end of the row, padding included: ``offset = T - start``; the graph takes them as an optional
+keyword, ``gm(..., alora_offsets=<int [B]>)`` (0: no invocation), used instead of its own where given. In a mixed
+batch, aLoRA and plain LoRA rows mix (each aLoRA row masked from its own invocation). Not a weight delta, so never
+merged.
 """
 
 from __future__ import annotations
@@ -93,7 +96,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxpeft.errors import AdapterFileError, ConfigError, MergeError, UnsupportedSiteError
+from fxpeft.errors import AdapterFileError, ConfigError, InputShapeError, MergeError, UnsupportedSiteError
 from fxpeft.registry import AdapterModule, Emit, Method, PeftConfigBase, PeftRegistry, config_from_fields, is_unset
 from fxpeft.sites import Site
 from fxpeft.tags import Role
@@ -138,14 +141,16 @@ class LoraConfig(PeftConfigBase):
             ``{module: [ids]}`` (:mod:`fxpeft.methods.trainable_tokens`, injected under the same adapter name).
         target_parameters: parameters (paths, or dotted suffixes: ``["experts.gate_up_proj"]``) adapted before all
             their uses, PEFT's ``ParamWrapper``: 2-D ``[out, in]`` or 3-D experts ``[E, out, in]`` (A ``[r·E, in]``, B
-            ``[out, r·E]``); no dropout, DoRA, lora_bias or fan_in_fan_out there (:mod:`fxpeft.methods.lora_parameters`,
-            which also adapts an ``nn.MultiheadAttention`` named in ``target_modules`` as PEFT does).
+            ``[out, r·E]``), or a conv weight through its ``[out, in·k]`` view; no dropout, DoRA, lora_bias or
+            fan_in_fan_out there (:mod:`fxpeft.methods.lora_parameters`, which also adapts an
+            ``nn.MultiheadAttention`` named in ``target_modules`` as PEFT does).
         conv_reshape: ``"standard"`` (PEFT's conv LoRA) or ``"balanced"`` (ALF: conv sites decompose the weight
             seen as ``[out·k0, in·K']``; the module docstring gives the maths). fxpeft's own: PEFT refuses its files.
         alora_invocation_tokens: aLoRA (activated LoRA): token ids of the invocation sequence. Each row's update acts
             only from the start of the *last* occurrence of the sequence in that row's ``input_ids`` to the end (earlier
             outputs are exactly the base model's; a row without the sequence gets no adapter). The start is found
-            inside the graph from the ``input_ids`` input (see :func:`alora_mask`). Linear sites only; no merge.
+            inside the graph from the ``input_ids`` input (see :func:`alora_mask`), or taken from PEFT's per-row
+            ``alora_offsets`` keyword when the caller passes it. Linear sites only; no merge.
 
     Example:
         >>> from fxpeft import LoraConfig
@@ -762,6 +767,9 @@ class Lora(Method):
         up_bias = []
         if hasattr(adapter, "B_bias"):  # lora_bias: (B·a + b)·s = B·(a·s) + b·s
             up_bias = [emit.op(aten.mul.Tensor, emit.param("B_bias", Role.PARAM), emit.param("scale", Role.SCALING))]
+        alora = hasattr(adapter, "alora_tokens")
+        if alora and not up_bias:  # aLoRA: masked at rank r, not at the output's width (B·0 is exactly 0)
+            a, alora = _alora_gate(emit, a), False
         g = None
         if adapter.use_dora:  # B's rows scaled by g (a tiny [out, r] op): the up projection gives g·B(A(x))·s
             g, weight = cls._dora_scale(emit, site, adapter, base_dtype)
@@ -774,7 +782,7 @@ class Lora(Method):
             b = emit.op(op.default, a, B, *up_bias, role=Role.UP)  # 1x1: [N, out, *spatial]
         else:
             b = emit.op(aten.linear.default, a, B, *up_bias, role=Role.UP)  # [..., out]
-        if hasattr(adapter, "alora_tokens"):  # aLoRA: the update only from each row's invocation on
+        if alora:  # aLoRA with lora_bias: the whole update only from each row's invocation on
             b = _alora_gate(emit, b)
         if g is not None:
             emit.replace_output(cls._dora_out(emit, site, adapter, x, b, g, weight, base_dtype))
@@ -900,11 +908,6 @@ class Lora(Method):
         if site.kind == "parameter":
             raise UnsupportedSiteError(f"LoRA on parameter {site.weight!r} has no mixed-batch form (a batch row cannot "
                                        "pick its own weight); serve one adapter at a time (fxpeft.set_adapter) or merge")
-        alora = [m.adapter_name for m in present if hasattr(m, "alora_tokens")]
-        if alora:
-            raise UnsupportedSiteError(f"adapter(s) {alora} are aLoRA adapters (alora_invocation_tokens) at "
-                                       f"{site.name!r}, which have no mixed-batch form yet; serve one at a time "
-                                       "(fxpeft.set_adapter)")
         dora = [m.adapter_name for m in present if m.use_dora]
         biased = [m.adapter_name for m in present if hasattr(m, "B_bias")]
         balanced = [m.adapter_name for m in present if m.balanced]
@@ -949,6 +952,7 @@ class Lora(Method):
             rows = _mixed_dropout(emit, rows, slots)
             a = emit.op(aten.bmm.default, rows, emit.op(aten.transpose.int, A_rows, 1, 2), role=Role.DOWN)  # [B, L, R]
             a = emit.op(aten.mul.Tensor, a, emit.op(aten.view.default, s_rows, [-1, 1, 1]), role=Role.SCALE)
+            a = _alora_mixed_gate(emit, slots, a)  # aLoRA rows: each from its own invocation on (at rank R)
             delta = emit.op(aten.bmm.default, a, emit.op(aten.transpose.int, B_rows, 1, 2), role=Role.UP)  # [B, L, out]
         if ref.A.dtype != base_dtype:  # as in one adapter's graph: add in the adapter's dtype, cast the sum back
             total = emit.op(aten.add.Tensor, y, emit.op(aten.reshape.default, delta, emit.op(aten.sym_size.default, y)),
@@ -1372,21 +1376,49 @@ def _alora_ids(gm: fx.GraphModule) -> fx.Node:
     return ids
 
 
-def alora_mask(input_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+#: the forward keyword of PEFT's per-row offsets (``model(..., alora_offsets=...)``), optional in fxpeft's graph
+ALORA_OFFSETS = "alora_offsets"
+
+
+def check_alora_offsets(offsets: Any, name: str, batch_source: Any) -> torch.Tensor | None:
+    """The graph's first step on ``alora_offsets``: None (the graph computes the offsets), or one int per row."""
+    if offsets is None:
+        return None
+    if not isinstance(offsets, torch.Tensor) or offsets.dim() != 1 or offsets.is_floating_point() \
+            or offsets.is_complex() or offsets.dtype is torch.bool:
+        got = (f"a {offsets.dtype} tensor of shape {tuple(offsets.shape)}" if isinstance(offsets, torch.Tensor)
+               else repr(offsets))
+        raise InputShapeError(f"{name} must be a 1-D integer tensor with one offset per batch row (PEFT's convention: "
+                              f"counted back from the end of the row, padding included; 0 for no invocation), got {got}")
+    if isinstance(batch_source, torch.Tensor) and batch_source.dim() >= 1:
+        torch._check(offsets.shape[0] == batch_source.shape[0], lambda: f"{name} needs one offset per batch row")
+    return offsets.long()
+
+
+def alora_start(offsets: torch.Tensor | None, start: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Each row's activation start ``[B, 1]`` (-1: none): the graph's own ``start``, or ``T - offsets`` where the
+    caller passed PEFT's per-row offsets (an offset <= 0 is a row without invocation; one past T adapts it all)."""
+    if offsets is None:
+        return start
+    off = offsets.to(start.device).view(-1, 1)  # [B, 1]
+    return torch.where(off > 0, (ids.shape[1] - off).clamp_min(0), -1)
+
+
+def alora_mask(input_ids: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
     """Eager reference of the graph's aLoRA mask: ``[B, T, 1]``, True from the start of the last occurrence of
-    ``tokens`` in each row to the end, all False in a row without it. PEFT's ``alora_offsets`` is ``T - start``."""
+    ``tokens`` in each row to the end, all False in a row without it (or from PEFT's ``offsets``, ``T - start``)."""
     n = tokens.numel()
     padded = F.pad(input_ids, (0, n - 1), value=-1)  # [B, T + n - 1]: every position starts a window
     match = (padded.unfold(1, n, 1) == tokens).all(-1)  # [B, T]
     pos = torch.ones_like(input_ids).cumsum(1) - 1  # [B, T]
-    start = torch.where(match, pos, -1).amax(1, keepdim=True)  # [B, 1]; -1: no invocation
+    start = alora_start(offsets, torch.where(match, pos, -1).amax(1, keepdim=True), input_ids)  # [B, 1]
     return ((pos >= start) & (start >= 0)).unsqueeze(-1)  # [B, T, 1]
 
 
-def _alora_gate(emit: Emit, up: fx.Node) -> fx.Node:
-    """``up`` (the scaled update, ``[B, T, out]``) zeroed before each row's invocation: :func:`alora_mask` as nodes."""
-    ids, tokens = _alora_ids(emit.gm), emit.param("alora_tokens", label="alora_tokens")
-    n = emit.gm.get_buffer(f"{emit.tag.module}.alora_tokens").numel()
+def _alora_on(emit: Emit, tokens: fx.Node, n: int) -> fx.Node:
+    """:func:`alora_mask` as nodes, ``[B, T]`` bool, for the invocation ``tokens`` (``n`` of them): the offsets input
+    when the caller passes one, else computed from ``input_ids``."""
+    ids = _alora_ids(emit.gm)
     padded = emit.op(aten.constant_pad_nd.default, ids, [0, n - 1], -1, label="alora_padded")  # [B, T + n - 1]
     windows = emit.op(aten.unfold.default, padded, 1, n, 1, label="alora_windows")  # [B, T, n]
     hits = emit.op(aten.eq.Tensor, windows, tokens, label="alora_hits")
@@ -1395,16 +1427,51 @@ def _alora_gate(emit: Emit, up: fx.Node) -> fx.Node:
     pos = emit.op(aten.sub.Scalar, emit.op(aten.cumsum.default, ones, 1, label="alora_count"), 1,
                   label="alora_pos")  # [B, T]: 0..T-1, without reading T
     score = emit.op(aten.where.ScalarOther, match, pos, -1, label="alora_match_pos")
-    start = emit.op(aten.amax.default, score, [1], True, label="alora_start")  # [B, 1]; -1: no invocation
+    start = emit.op(aten.amax.default, score, [1], True, label="alora_found_start")  # [B, 1]; -1: no invocation
+    offsets = emit.input(ALORA_OFFSETS, check_alora_offsets)  # None unless the caller passes PEFT's offsets
+    start = emit.function(alora_start, offsets, start, ids, label="alora_start")
     after = emit.op(aten.ge.Tensor, pos, start, label="alora_after_start")
     found = emit.op(aten.ge.Scalar, start, 0, label="alora_found")
-    on = emit.op(aten.logical_and.default, after, found, label="alora_on")
+    return emit.op(aten.logical_and.default, after, found, label="alora_on")
+
+
+def _alora_mask_node(emit: Emit, on: fx.Node) -> fx.Node:
+    """``on`` ``[B, T]`` shaped for the update: ``[B, T, 1]``, or ``[B·T, 1]`` for an addmm on flattened tokens."""
     val = emit.call.node.meta.get("val")
-    if isinstance(val, torch.Tensor) and val.dim() == 2:  # an addmm on flattened tokens (GPT-2's Conv1D): [B·T, out]
-        mask = emit.op(aten.reshape.default, on, [-1, 1], label="alora_mask")  # [B·T, 1]
-    else:
-        mask = emit.op(aten.unsqueeze.default, on, -1, label="alora_mask")  # [B, T, 1]
-    return emit.op(aten.where.ScalarOther, mask, up, 0.0, role=Role.UP, label="alora_up")
+    if isinstance(val, torch.Tensor) and val.dim() == 2:  # GPT-2's Conv1D: [B·T, out]
+        return emit.op(aten.reshape.default, on, [-1, 1], label="alora_mask")  # [B·T, 1]
+    return emit.op(aten.unsqueeze.default, on, -1, label="alora_mask")  # [B, T, 1]
+
+
+def _alora_gate(emit: Emit, up: fx.Node) -> fx.Node:
+    """``up`` (the scaled down-projection ``[B, T, r]``, or the update ``[B, T, out]``) zeroed before each row's
+    invocation."""
+    n = emit.gm.get_buffer(f"{emit.tag.module}.alora_tokens").numel()
+    on = _alora_on(emit, emit.param("alora_tokens", label="alora_tokens"), n)
+    return emit.op(aten.where.ScalarOther, _alora_mask_node(emit, on), up, 0.0, role=Role.UP, label="alora_up")
+
+
+def _alora_mixed_gate(emit: Emit, slots: list[LoraAdapter | None], delta: fx.Node) -> fx.Node:
+    """A mixed batch's ``delta`` ``[B, L, R]`` with each aLoRA row zeroed before its own invocation: one mask per
+    aLoRA slot (its own tokens), all True for a plain slot, and each row picks its slot's mask."""
+    if not any(m is not None and hasattr(m, "alora_tokens") for m in slots):
+        return delta
+    masks, ones = [], None
+    for m in slots:
+        if m is not None and hasattr(m, "alora_tokens"):
+            masks.append(_alora_on(emit, emit.param_of(m, "alora_tokens"), m.alora_tokens.numel()))  # [B, T]
+            continue
+        if ones is None:
+            ones = emit.op(aten.ones_like.default, _alora_ids(emit.gm), dtype=torch.bool, label="alora_plain")
+        masks.append(ones)
+    stacked = emit.op(aten.stack.default, masks, 1, label="alora_slot_masks")  # [B, K+1, T]
+    pick = emit.op(aten.view.default, emit.index, [-1, 1, 1], label="alora_row_slot")  # [B, 1, 1]
+    width = emit.op(aten.sym_size.int, stacked, 2)
+    batch = emit.op(aten.sym_size.int, stacked, 0)
+    pick = emit.op(aten.expand.default, pick, [batch, 1, width])
+    on = emit.op(aten.gather.default, stacked, 1, pick, label="alora_row_mask")  # [B, 1, T]
+    mask = emit.op(aten.view.default, on, [batch, -1, 1], label="alora_mask")  # [B, T, 1] (L = T)
+    return emit.op(aten.where.ScalarOther, mask, delta, 0.0, role=Role.UP, label="alora_delta")
 
 
 def _refuse_alora_merge(adapter: LoraAdapter) -> None:

@@ -17,8 +17,14 @@ PEFT's files (``<module>.base_layer.lora_A.weight`` for all but the last in the 
 LoRA on ``in_proj_weight`` (``[3E, E]``) and on ``out_proj.weight``, both as weight updates read by every use (PEFT
 merges them for each forward; a dropout does not apply there, in PEFT either). File keys: ``<mha>.lora_A.weight``
 and ``<mha>.base_layer.out_proj.lora_A.weight``. An MHA with separate q/k/v weights (``kdim``/``vdim`` !=
-``embed_dim``) is refused, as PEFT refuses it; an ``out_proj`` adapted alone (``target_modules=["out_proj"]``: fxpeft
-adapts the call inside the MHA, PEFT silently never applies it) is adapted, but refused by ``save_adapter``.
+``embed_dim``, which PEFT refuses) is adapted on ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight`` and
+``out_proj.weight`` (plain scaling) and merges exactly; an ``out_proj`` adapted alone (``target_modules=["out_proj"]``:
+fxpeft adapts the call inside the MHA, PEFT silently never applies it) is adapted too. ``save_adapter`` refuses both
+(PEFT's format cannot say them, and PEFT must never load them silently).
+
+A conv weight read directly (Mamba's depthwise ``conv1d.weight``, read through a squeeze) is a parameter site seen
+as conv LoRA sees it: ``W [out, in, *k]``, ``A [r, in·k]``, ``B [out, r]``, ``W' = W + s·(B·A).view(W.shape)``.
+PEFT's format would read such a 3-D parameter as experts, so ``save_adapter`` refuses it.
 
 This module holds LoRA's parameter-site hooks; :mod:`fxpeft.methods.lora` calls them.
 """
@@ -104,12 +110,14 @@ def check_parameter_overlap(modules: list[Site], params: list[Site]) -> None:
 
 
 _MHA = "MultiheadAttention"
-_MHA_PARTS = {".in_proj_weight": "in", ".out_proj.weight": "out", ".q_proj_weight": "separate"}
+_MHA_PARTS = {".in_proj_weight": "in", ".out_proj.weight": "out", ".q_proj_weight": "q", ".k_proj_weight": "k",
+              ".v_proj_weight": "v"}
+_SEPARATE = ("q", "k", "v")
 
 
 def _mha_parts(sites: dict[str, Site] | list[Site]) -> dict[str, dict[str, Site]]:
     """``{mha path: {"in": its in_proj_weight site, "out": its out_proj.weight site}}`` among parameter sites
-    (``"separate"``: an MHA with q/k/v weights of their own)."""
+    (``"q"``, ``"k"``, ``"v"`` instead of ``"in"``: an MHA with q/k/v weights of their own, ``kdim != embed_dim``)."""
     out: dict[str, dict[str, Site]] = {}
     for s in sites.values() if isinstance(sites, dict) else sites:
         if s.kind == "parameter" and s.module_type == _MHA:
@@ -121,7 +129,9 @@ def _mha_parts(sites: dict[str, Site] | list[Site]) -> dict[str, dict[str, Site]
 
 def _mha_targets(config: LoraConfig, sites: dict[str, Site]) -> tuple[Any, list[Site]]:
     """Split a list ``target_modules``: the entries naming ``nn.MultiheadAttention`` modules (PEFT's rule: the path,
-    or a dotted suffix of it) give those modules' two parameter sites; the rest go to the generic rules."""
+    or a dotted suffix of it) give those modules' parameter sites (in_proj and out_proj; q/k/v and out_proj for
+    separate weights, which PEFT refuses: fxpeft adapts them but does not save them for PEFT); the rest go to the
+    generic rules."""
     from fxpeft.targeting import matches
 
     targets = config.target_modules
@@ -136,12 +146,12 @@ def _mha_targets(config: LoraConfig, sites: dict[str, Site]) -> tuple[Any, list[
     chosen: list[Site] = []
     for paths in hit.values():
         for p in paths:
-            if "in" not in parts[p] or "out" not in parts[p]:
-                raise UnsupportedSiteError(
-                    f"nn.MultiheadAttention {p!r} has separate q/k/v weights (kdim or vdim != embed_dim); PEFT's MHA "
-                    "LoRA needs the packed in_proj_weight and refuses it too. Target its parameters instead "
-                    f"(target_parameters=['{p}.q_proj_weight', ...]: not loadable by PEFT) or leave it out")
-            chosen += [s for s in (parts[p]["in"], parts[p]["out"]) if s not in chosen]
+            keys = ("in", "out") if "in" in parts[p] else (*_SEPARATE, "out")
+            if any(k not in parts[p] for k in keys):
+                raise UnsupportedSiteError(f"nn.MultiheadAttention {p!r}: the graph does not read all of its weights "
+                                           f"{keys} (found {sorted(parts[p])}); target its parameters one by one "
+                                           "with target_parameters instead")
+            chosen += [parts[p][k] for k in keys if parts[p][k] not in chosen]
     if isinstance(targets, str):
         return targets, chosen
     return [t for t in targets if not hit[t]], chosen
@@ -195,16 +205,17 @@ def refuse_parameter_sites(sites: dict[str, Site], names: list[str], what: str) 
 
 
 def check_parameter_site(site: Site) -> str | None:
-    """Why a parameter site cannot take LoRA: only 2-D and 3-D parameters have PEFT's factors."""
-    if len(site.param_shape) not in (2, 3):
+    """Why a parameter site cannot take LoRA: only 2-D and 3-D parameters have PEFT's factors (and conv weights,
+    through their ``[out, in·k]`` view)."""
+    if len(site.param_shape) not in (2, 3) and not site.kernel_size:
         return (f"parameter {site.weight!r} has {len(site.param_shape)} dimension(s) {site.param_shape}; LoRA on a "
                 "parameter needs a 2-D [out, in] or 3-D [experts, out, in] one (as in PEFT)")
     return None
 
 
 def num_experts(site: Site) -> int:
-    """``E``: the leading dim of a 3-D parameter, 1 for a matrix."""
-    return site.param_shape[0] if len(site.param_shape) == 3 else 1
+    """``E``: the leading dim of a 3-D parameter, 1 for a matrix or a conv weight (seen as ``[out, in·k]``)."""
+    return site.param_shape[0] if len(site.param_shape) == 3 and not site.kernel_size else 1
 
 
 def _mha_out_proj_factor(site: Site, config: LoraConfig) -> float:
@@ -218,8 +229,19 @@ def _mha_out_proj_factor(site: Site, config: LoraConfig) -> float:
     if not (site.kind == "parameter" and site.module_type == _MHA and site.weight.endswith(".out_proj.weight")):
         return 1.0
     path, t = site.weight[: -len(".out_proj.weight")], config.target_modules
+    if _separate_qkv(site, path):  # no PEFT semantics to follow there: the plain scaling
+        return 1.0
     hit = bool(t) and (matches(t, path) or isinstance(t, str) and matches(t, site.name))
     return 2.0 if hit else 1.0
+
+
+def _separate_qkv(site: Site, mha: str) -> bool:
+    """Whether the MHA at ``mha`` (in the graph reading ``site``) has q/k/v weights of its own."""
+    gm = site.calls[0].node.graph.owning_module if site.calls else None
+    try:
+        return gm is not None and isinstance(gm.get_parameter(f"{mha}.q_proj_weight"), torch.nn.Parameter)
+    except AttributeError:
+        return False
 
 
 def setup_parameter_adapter(adapter: LoraAdapter, site: Site, r: int, config: LoraConfig) -> None:
@@ -241,6 +263,9 @@ def _delta(op, A, B, s, site: Site):
     Bs = op(aten.mul.Tensor, B, s, label="scaled_B")  # s on the small factor: [out, r·E]
     if len(site.param_shape) == 2:
         return op(aten.mm.default, Bs, A, label="delta_weight")  # [out, r] @ [r, in] -> [out, in]
+    if site.kernel_size:  # a conv weight: [out, r] @ [r, in·k] -> [out, in·k] -> [out, in, *k]
+        flat = op(aten.mm.default, Bs, A, label="delta_flat")
+        return op(aten.view.default, flat, list(site.param_shape), label="delta_weight")
     A3 = op(aten.view.default, A, [E, -1, site.in_features], label="A_experts")  # [E, r, in]
     B3 = op(aten.view.default, Bs, [site.out_features, -1, E], label="B_experts")  # [out, r, E]
     B3 = op(aten.permute.default, B3, [2, 0, 1], label="B_per_expert")  # [E, out, r]
@@ -317,6 +342,11 @@ def parameter_config_fields(fields: dict[str, Any], sites: dict[str, Site], adap
     """The config fields with the parameter sites moved from ``target_modules`` to ``target_parameters`` (their full
     paths, PEFT's exact names)."""
     _check_mha_save(fields, [sites[n] for n in adapted])
+    conv = [sites[n].weight for n in adapted if sites[n].kind == "parameter" and sites[n].kernel_size]
+    if conv:
+        raise AdapterFileError(f"{conv[0]!r} is a conv weight adapted through its [out, in·k] view, which PEFT's "
+                               "format cannot say (PEFT reads a 3-D parameter as [experts, in, out]); keep the "
+                               "adapter in fxpeft (fxpeft.export, save_merged), or target the conv module itself")
     pairs = {p: v for p, v in _mha_parts([sites[n] for n in adapted]).items() if "in" in v and "out" in v}
     in_mha = {s.name for v in pairs.values() for s in (v["in"], v["out"])}
     params = sorted(sites[n].weight for n in adapted if sites[n].kind == "parameter" and n not in in_mha)
@@ -338,6 +368,11 @@ def _check_mha_save(fields: dict[str, Any], sites: list[Site]) -> None:
     from .lora import pattern_value
     parts = _mha_parts(sites)
     for p, v in parts.items():
+        if any(k in v for k in _SEPARATE):
+            raise AdapterFileError(f"nn.MultiheadAttention {p!r} has separate q/k/v weights (kdim or vdim != "
+                                   "embed_dim): fxpeft adapts them, but PEFT's format cannot say it (PEFT refuses such "
+                                   "an MHA), so this adapter cannot be written for PEFT; keep it in fxpeft "
+                                   "(fxpeft.export, save_merged)")
         if "out" in v and "in" not in v:
             raise AdapterFileError(f"{p}.out_proj.weight is adapted without its MHA's in_proj_weight: PEFT adapts an "
                                    "nn.MultiheadAttention only as a whole and never applies LoRA on its out_proj alone "

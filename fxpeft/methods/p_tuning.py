@@ -40,7 +40,7 @@ from fxpeft.registry import (
 from fxpeft.sites import Site
 
 from .lora import adapter_dtype
-from .prompt_tuning import _KEY, PromptTuning, PromptTuningAdapter, PromptTuningConfig
+from .prompt_tuning import _KEY, PromptSwitch, PromptTuning, PromptTuningAdapter, PromptTuningConfig
 
 __all__ = ["PromptEncoderConfig", "PromptEncoder", "PTuningAdapter", "PTuning"]
 
@@ -151,6 +151,7 @@ class PTuningAdapter(PromptTuningAdapter):
         self.encoder = {"encoder_reparameterization_type": config.encoder_reparameterization_type,
                         "encoder_hidden_size": config.encoder_hidden_size or self.token_dim,
                         "encoder_num_layers": config.encoder_num_layers, "encoder_dropout": config.encoder_dropout}
+        self.switch = PromptSwitch()
 
 
 def _positive(name: str, v: Any) -> None:

@@ -16,19 +16,24 @@ without any per-architecture code:
 **Output layout.** As PEFT's prompt tuning returns it: logits ``[B, NV+T, V]``, the first ``NV`` positions those of
 the virtual tokens; the loss (with a ``labels`` input) predicts the first real token from the last virtual one.
 With the adapter off (``disable_adapters``, ``set_adapter`` to another adapter) the prompt has no rows: the graph
-computes exactly the base model, ``[B, T, V]``. The choice reads the adapter's gate in eager Python (a
-``torch.compile`` of the graph breaks there; re-exporting a prompt-tuned graph is not supported).
+computes exactly the base model, ``[B, T, V]``. The choice is a Python flag on the adapter
+(:class:`PromptSwitch`): ``torch.compile`` guards on it (no graph break) and :func:`fxpeft.export` writes a
+``.pt2`` with the prompt in (dynamic batch and sequence dims kept). Greedy generation re-runs the graph on the
+growing sequence and reads the next token at the last position, ``logits[:, -1]``: the prompt goes in again at
+every step, as PEFT's forward puts it.
 
 **Supported graphs**: export graphs with a dynamic sequence dim (``fxpeft.trace``'s default) whose sequence inputs
 are ``input_ids`` and optionally ``attention_mask`` / ``labels`` (decoders such as Llama and GPT-2, encoders such as
 BERT, whose position and token-type ids are sliced to the longer length as in PEFT), and symbolic_trace graphs
-(functional LMs).
+(functional LMs). A per-row ``labels [B]`` (sequence classification, ``task_type="SEQ_CLS"``, whose ``classifier``
+trains as a ``modules_to_save`` copy) is not lengthened, as in PEFT.
 Refused with a typed error, the graph unchanged: no embedding reading a graph input, a sequence length fixed at
 trace time, another sequence-length input (``position_ids``, ``token_type_ids``), a second prompt adapter.
 Merging is refused (:class:`~fxpeft.MergeError`): virtual tokens are not a weight change.
 
 PEFT's file layout: one tensor ``prompt_embeddings [NV * num_transformer_submodules, token_dim]`` (no
-``base_model.model.`` prefix); ``adapter_config.json`` has no ``target_modules``.
+``base_model.model.`` prefix), ``modules_to_save`` copies under ``base_model.<module>.`` (PEFT's prompt models wrap
+no tuner); ``adapter_config.json`` has no ``target_modules``.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ from fxpeft.tags import Role
 from .lora import adapter_dtype
 from .trainable_tokens import _input_embedding
 
-__all__ = ["PromptTuningConfig", "PromptTuningAdapter", "PromptTable", "PromptTuning"]
+__all__ = ["PromptTuningConfig", "PromptTuningAdapter", "PromptTable", "PromptSwitch", "PromptTuning"]
 
 aten = torch.ops.aten
 
@@ -72,9 +77,15 @@ class PromptTuningConfig(PeftConfigBase):
     Args:
         num_virtual_tokens: how many learned embeddings go before the input (required, > 0).
         prompt_tuning_init: ``"RANDOM"`` (normal rows, as ``nn.Embedding``), ``"SAMPLE_VOCAB"`` (rows of the input
-            embedding at random token ids) or ``"TEXT"`` (refused for a new adapter: fxpeft loads no tokenizer;
-            a saved TEXT-initialised PEFT adapter loads, its prompt being the file's).
-        prompt_tuning_init_text, tokenizer_name_or_path, tokenizer_kwargs: PEFT's TEXT init (not implemented).
+            embedding at random token ids) or ``"TEXT"`` (rows of the input embedding at the tokenizer's ids of
+            the init text, cut or repeated to ``num_virtual_tokens`` as PEFT does; fxpeft loads no tokenizer, so
+            a new TEXT adapter needs ``prompt_tuning_init_token_ids``. A saved TEXT-initialised PEFT adapter loads
+            without it, its prompt being the file's).
+        prompt_tuning_init_token_ids: fxpeft's own field, the tokenizer's output for TEXT init:
+            ``tokenizer(prompt_tuning_init_text)["input_ids"]``.
+        prompt_tuning_init_text, tokenizer_name_or_path, tokenizer_kwargs: PEFT's TEXT init settings, written back
+            to files (a file says ``"TEXT"`` only with both the text and the tokenizer, as PEFT requires; else
+            ``"RANDOM"``: the file's rows are the prompt either way).
         token_dim: the embedding width; None: read off the input embedding (must match it when set).
         num_transformer_submodules: 1 (decoder-only and encoder models); 2 (encoder-decoder) is refused.
         num_attention_heads, num_layers: PEFT bookkeeping (not used by prompt tuning).
@@ -95,6 +106,7 @@ class PromptTuningConfig(PeftConfigBase):
     prompt_tuning_init_text: str | None = None
     tokenizer_name_or_path: str | None = None
     tokenizer_kwargs: dict | None = None
+    prompt_tuning_init_token_ids: list[int] | None = None
     token_dim: int | None = None
     num_transformer_submodules: int | None = None
     num_attention_heads: int | None = None
@@ -105,16 +117,19 @@ class PromptTable(nn.Module):
     """The adapter's prompt, shared state of its one site: ``prompt_embeddings [NV, dim]`` (trainable).
 
     Attributes:
-        sample_vocab: the rows are still to be drawn from the input embedding (``SAMPLE_VOCAB``), when the graph
-            is at hand.
+        sample_vocab: the rows are still to be drawn from the input embedding (``SAMPLE_VOCAB``, ``TEXT``), when
+            the graph is at hand.
+        init_ids: the token ids whose embedding rows the prompt starts from (``TEXT``: ``NV`` of them, PEFT's
+            cut or repetition of the text's ids); None: random ids (``SAMPLE_VOCAB``).
     """
 
     def __init__(self, num_virtual_tokens: int, dim: int, dtype: torch.dtype, device: torch.device,
-                 sample_vocab: bool) -> None:
+                 sample_vocab: bool, init_ids: list[int] | None = None) -> None:
         super().__init__()
         # PEFT's prompt encoder is an nn.Embedding: its default init draws N(0, 1) rows
         self.prompt_embeddings = nn.Parameter(torch.randn(num_virtual_tokens, dim, dtype=dtype, device=device))
         self.sample_vocab = sample_vocab
+        self.init_ids = init_ids
 
 
 class PromptTuningAdapter(AdapterModule):
@@ -122,7 +137,8 @@ class PromptTuningAdapter(AdapterModule):
 
     Attributes:
         num_virtual_tokens / token_dim: the prompt's shape.
-        init: the ``prompt_tuning_init`` it was built with (written back to files).
+        init: the ``prompt_tuning_init`` it was built with, and ``text_init`` PEFT's TEXT settings (written back
+            to files).
     """
 
     method = "prompt_tuning"
@@ -132,6 +148,33 @@ class PromptTuningAdapter(AdapterModule):
         self.num_virtual_tokens = config.num_virtual_tokens
         self.token_dim = site.weight_shape[1]
         self.init = config.prompt_tuning_init
+        self.text_init = {"prompt_tuning_init_text": config.prompt_tuning_init_text,
+                          "tokenizer_name_or_path": config.tokenizer_name_or_path,
+                          "tokenizer_kwargs": config.tokenizer_kwargs}
+        self.switch = PromptSwitch()
+
+    def gate_changed(self, on: bool) -> None:
+        self.switch.on = on  # the graph's choice of rows follows the gate
+
+
+class PromptSwitch(nn.Module):
+    """The prompt rows while the adapter is on, none while it is off (the graph then computes the base model).
+
+    The number of rows is the sequence's extra length, so no tensor op can switch it: the choice is made on a
+    Python flag kept in step with the adapter's gate (:meth:`AdapterModule.gate_changed`), read where the graph
+    calls this module. ``torch.compile`` guards on the flag (a toggle recompiles once, no graph break) and
+    ``torch.export`` records the state it sees: a ``.pt2`` of an enabled adapter carries the prompt.
+
+    Attributes:
+        on: the adapter is enabled and not merged.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on = True
+
+    def forward(self, table: torch.Tensor) -> torch.Tensor:
+        return table if self.on else table[:0]  # [NV, dim] or [0, dim]
 
 
 def live_rows(table: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -180,10 +223,12 @@ def _sequence_inputs(gm: fx.GraphModule, site: Site) -> tuple[fx.Node, dict[fx.N
     for p in gm.graph.nodes:
         if p.op != "placeholder" or p is ids or not p.users:
             continue
+        pval = p.meta.get("val")
+        if p.target == "labels" and isinstance(pval, torch.Tensor) and pval.dim() < 2:
+            continue  # one label per row (sequence classification): PEFT passes it as it is
         if p.target in _PADS:
             pads[p] = _PADS[p.target]
             continue
-        pval = p.meta.get("val")
         if isinstance(pval, torch.Tensor) and seq is not None and any(
                 isinstance(d, torch.SymInt) and str(d) == str(seq) for d in pval.shape):
             raise UnsupportedSiteError(f"prompt tuning: the graph input {p.target!r} has the sequence length; fxpeft "
@@ -203,6 +248,7 @@ class PromptTuning(Method):
     spec_aliases = {"nv": "num_virtual_tokens", "init": "prompt_tuning_init"}
     targets_from_graph = True
     peft_absent_fields = frozenset({"target_modules", "exclude_modules"})  # PEFT's prompt configs have neither
+    copies_prefix = "base_model."  # PEFT's prompt models hold the HF model as base_model directly
 
     @classmethod
     def validate_config(cls, config: PromptTuningConfig) -> None:
@@ -213,10 +259,19 @@ class PromptTuning(Method):
         init = str(getattr(config.prompt_tuning_init, "value", config.prompt_tuning_init)).upper()
         if init not in _INITS:
             raise ConfigError(f"prompt_tuning_init={config.prompt_tuning_init!r} is not one of {list(_INITS)}")
-        if init == "TEXT":
-            raise ConfigError("prompt_tuning_init='TEXT' needs a tokenizer (tokenizer_name_or_path), which fxpeft "
-                              "does not load: use 'SAMPLE_VOCAB' or 'RANDOM', or init with PEFT and load its file "
-                              "(fxpeft.load_adapter)")
+        ids = config.prompt_tuning_init_token_ids
+        if init == "TEXT" and ids is None:
+            raise ConfigError("prompt_tuning_init='TEXT' needs the tokenizer's output, and fxpeft loads no tokenizer: "
+                              "pass prompt_tuning_init_token_ids=tokenizer(prompt_tuning_init_text)['input_ids'], use "
+                              "'SAMPLE_VOCAB' or 'RANDOM', or init with PEFT and load its file (fxpeft.load_adapter)")
+        if ids is not None:
+            if init != "TEXT":
+                raise ConfigError(f"prompt_tuning_init_token_ids is the TEXT init's input; with "
+                                  f"prompt_tuning_init={init!r} it would be ignored: set prompt_tuning_init='TEXT'")
+            if not (isinstance(ids, (list, tuple)) and ids and all(
+                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
+                raise ConfigError(f"prompt_tuning_init_token_ids must be a non-empty list of token ids (ints >= 0), "
+                                  f"got {ids!r}")
         for name in ("token_dim", "num_attention_heads", "num_layers"):
             v = getattr(config, name)
             if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
@@ -261,10 +316,14 @@ class PromptTuning(Method):
 
     @classmethod
     def check_selection(cls, config: PromptTuningConfig, sites: list[Site]) -> None:
-        dim = sites[0].weight_shape[1]
+        vocab, dim = sites[0].weight_shape[:2]
         if config.token_dim is not None and config.token_dim != dim:
             raise ConfigError(f"token_dim={config.token_dim} does not match the input embedding's width {dim} "
                               f"({sites[0].name}); leave token_dim unset")
+        ids = getattr(config, "prompt_tuning_init_token_ids", None)  # (P-tuning's config has none)
+        if ids is not None and max(ids) >= vocab:
+            raise ConfigError(f"prompt_tuning_init_token_ids holds id {max(ids)}, outside the input embedding's "
+                              f"{vocab} rows ({sites[0].name}): was the tokenizer another model's?")
 
     # ---------------------------------------------------------------------------------- graph
     @classmethod
@@ -272,8 +331,11 @@ class PromptTuning(Method):
                      device: torch.device) -> PromptTable:
         # PEFT keeps the prompt encoder in fp32 and casts the prompt to the embeddings' dtype in forward
         held = adapter_dtype(torch.empty((), dtype=dtype), config.keep_base_dtype)
-        return PromptTable(config.num_virtual_tokens, sites[0].weight_shape[1], held, device,
-                           config.prompt_tuning_init == "SAMPLE_VOCAB")
+        nv, ids = config.num_virtual_tokens, config.prompt_tuning_init_token_ids
+        if ids is not None:  # PEFT's TEXT rule: the text's ids cut to NV, or repeated until there are NV
+            ids = (list(ids) * -(-nv // len(ids)))[:nv]
+        return PromptTable(nv, sites[0].weight_shape[1], held, device,
+                           config.prompt_tuning_init in ("SAMPLE_VOCAB", "TEXT"), ids)
 
     @classmethod
     def build(cls, site: Site, config: PromptTuningConfig, adapter_name: str,
@@ -289,16 +351,18 @@ class PromptTuning(Method):
         ids, pads = _sequence_inputs(emit.gm, site)
         table_mod: PromptTable = emit.gm.get_submodule(Method.shared_path(cls.name, adapter.adapter_name))
         weight = emit.gm.get_parameter(site.weight)
-        if table_mod.sample_vocab:  # SAMPLE_VOCAB: rows of the embedding at random ids (PEFT's init)
+        if table_mod.sample_vocab:  # SAMPLE_VOCAB / TEXT: rows of the embedding at random / the text's ids (PEFT's)
             with torch.no_grad():
-                picks = torch.randint(0, weight.shape[0], (adapter.num_virtual_tokens,), device=weight.device)
+                if getattr(table_mod, "init_ids", None) is not None:
+                    picks = torch.tensor(table_mod.init_ids, device=weight.device)
+                else:
+                    picks = torch.randint(0, weight.shape[0], (adapter.num_virtual_tokens,), device=weight.device)
                 table_mod.prompt_embeddings.copy_(weight[picks])
             table_mod.sample_vocab = False
         last = [n for n in emit.graph.nodes if n.op == "placeholder"][-1]
         with emit.graph.inserting_before(last.next):  # at the entry: every reader of the inputs comes later
-            gate = emit.param("gate", Role.GATE)
             table, held = cls.prompt_source(emit, table_mod)  # [NV, dim]
-            prompt = emit.function(live_rows, table, gate, label="prompt")  # [NV, dim] (or [0, dim] while off)
+            prompt = emit.module("switch", table, label="prompt")  # [NV, dim] (or [0, dim] while off)
             if held != weight.dtype:
                 prompt = emit.cast(prompt, weight.dtype)
             nv = emit.op(aten.sym_size.int, prompt, 0, label="num_virtual")
@@ -369,6 +433,12 @@ class PromptTuning(Method):
                       target_modules: list[str]) -> dict[str, Any]:
         (ad,) = adapters.values()
         # no target_modules (peft_absent_fields): the site is the input embedding, found again on load
+        text = getattr(ad, "text_init", {})
+        named = bool(text.get("prompt_tuning_init_text") and text.get("tokenizer_name_or_path"))
+        init = ad.init if ad.init != "TEXT" or named else "RANDOM"  # PEFT's config refuses TEXT without both
+        text = text if init == "TEXT" else {}
         return {"num_virtual_tokens": ad.num_virtual_tokens, "token_dim": ad.token_dim,
-                "num_transformer_submodules": 1, "prompt_tuning_init": ad.init, "prompt_tuning_init_text": None,
-                "tokenizer_name_or_path": None, "tokenizer_kwargs": None}
+                "num_transformer_submodules": 1, "prompt_tuning_init": init,
+                "prompt_tuning_init_text": text.get("prompt_tuning_init_text"),
+                "tokenizer_name_or_path": text.get("tokenizer_name_or_path"),
+                "tokenizer_kwargs": text.get("tokenizer_kwargs")}

@@ -98,3 +98,13 @@ def test_trace_kwargs_in_any_order_stay_dynamic_and_flags_become_defaults():
     mask = torch.ones_like(ids2)
     expected = model(input_ids=ids2, attention_mask=mask, use_cache=False).logits
     assert torch.allclose(gm(input_ids=ids2, attention_mask=mask).logits, expected, atol=1e-5)
+
+
+def test_hf_model_with_its_cache_on_traces_without_asking_for_use_cache_false():
+    from fxpeft.zoo import tiny_llama
+
+    model, args, kwargs = tiny_llama(layers=1)
+    kwargs.pop("use_cache", None)
+    model.config.use_cache = True  # HF's default: forward returns a DynamicCache that torch.export cannot output
+    gm = fxpeft.trace(model, args, kwargs)
+    assert torch.equal(gm(**kwargs).logits, model(**kwargs, use_cache=False).logits)

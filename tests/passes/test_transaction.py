@@ -163,3 +163,51 @@ def test_load_adapter_is_atomic_at_every_step(monkeypatch, llama, tmp_path):
     fxpeft.save_adapter(src, tmp_path)
     tried = each_fault(monkeypatch, lambda: copy.deepcopy(base), lambda gm: fxpeft.load_adapter(gm, tmp_path))
     assert tried >= 10
+
+
+def _small_graph() -> fx.GraphModule:
+    return fxpeft.rewrite(fxpeft.trace(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))),
+                          fxpeft.LoraConfig(r=2, target_modules=["0", "2"], lora_dropout=0.1))
+
+
+@pytest.mark.parametrize("damage", ["missing_get_attr", "call_module_not_a_module", "out_of_order", "duplicate_name"])
+def test_fast_lint_fails_where_torch_lint_fails_with_torch_error(damage):
+    from fxpeft.passes.transaction import lint
+
+    gm = _small_graph()
+    lint(gm)  # a sound graph passes
+    nodes = list(gm.graph.nodes)
+    if damage == "missing_get_attr":
+        next(n for n in nodes if n.op == "get_attr").target += "_gone"
+    elif damage == "call_module_not_a_module":
+        next(n for n in nodes if n.op == "call_module").target = next(n for n in nodes if n.op == "get_attr").target
+    elif damage == "out_of_order":
+        user = next(n for n in nodes if n.op == "call_function" and n.all_input_nodes)
+        user.all_input_nodes[0].prepend(user)
+    else:
+        nodes[-2].name = nodes[1].name
+    with pytest.raises(RuntimeError) as torch_error:
+        gm.graph.lint()
+    with pytest.raises(RuntimeError) as ours:
+        lint(gm)
+    assert str(ours.value) == str(torch_error.value)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_transaction_pauses_gc_and_restores_it(enabled):
+    import gc
+
+    from fxpeft.passes.transaction import transaction
+
+    gm = fxpeft.trace(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        with transaction(gm):
+            assert not gc.isenabled()  # no whole-heap collections mid-pass
+        assert gc.isenabled() == enabled
+        with pytest.raises(Fault), transaction(gm):
+            raise Fault("boom")
+        assert gc.isenabled() == enabled  # restored on rollback too
+    finally:
+        (gc.enable if was else gc.disable)()

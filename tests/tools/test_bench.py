@@ -125,3 +125,11 @@ def test_moe_measure_times_expert_adapters_that_compute_what_peft_computes(bench
     (row,) = b.results
     assert (row["measure"], row["pairs"]) == ("moe", 1) and set(row["ms"]) == {"fxpeft", "peft"}
     assert row["rel_err_vs_peft"] < 1e-5
+
+
+def test_alora_measure_times_adapters_that_compute_what_peft_computes(bench):
+    b = bench.Bench(bench.CASES["smoke"], _args())
+    b.alora()
+    (row,) = b.results
+    assert (row["measure"], row["pairs"]) == ("alora", 1) and set(row["ms"]) == {"fxpeft", "peft"}
+    assert row["rel_err_vs_peft"] < 1e-5 < row["rel_base_vs_peft"]  # the same outputs, not the base model's

@@ -1,7 +1,8 @@
 """aLoRA (``LoraConfig(alora_invocation_tokens=...)``) against PEFT 0.21: files both ways with the same outputs on
 batches whose rows hold the invocation at different positions (twice, at the very end) or not at all; outputs before
 the invocation exactly the base model's; the in-graph offsets against PEFT's ``calculate_alora_offsets``;
-torch.compile with fullgraph; training; and the typed refusals (merge, bad tokens, sites, mixed batch)."""
+torch.compile with fullgraph; PEFT's ``alora_offsets`` passed in; mixed batches of aLoRA and plain LoRA rows;
+training; and the typed refusals (merge, bad tokens, sites)."""
 
 from __future__ import annotations
 
@@ -125,10 +126,12 @@ def test_torch_compile_fullgraph_and_a_pt2_export_compute_the_offsets_in_the_gra
         assert rel_err(_logits(compiled, ids), _logits(gm, ids)) <= 1e-6
     assert any(n.target is torch.ops.aten.unfold.default for n in gm.graph.nodes)  # the offsets are graph ops
     ids = BATCHES[0]
-    torch.export.save(torch.export.export(gm, (), {"input_ids": ids, "use_cache": False}), tmp_path / "m.pt2")
+    # the optional alora_offsets input is a keyword of the graph: None among the example inputs (computed in the .pt2)
+    example = {"input_ids": ids, "use_cache": False, "alora_offsets": None}
+    torch.export.save(torch.export.export(gm, (), example), tmp_path / "m.pt2")
     loaded = torch.export.load(tmp_path / "m.pt2").module()
     with torch.no_grad():  # a .pt2 finds each batch's offsets too
-        got = loaded(input_ids=BATCHES[1], use_cache=False).logits
+        got = loaded(input_ids=BATCHES[1], use_cache=False, alora_offsets=None).logits
     assert rel_err(got, _logits(gm, BATCHES[1])) <= 1e-6
 
 
@@ -170,15 +173,68 @@ def test_bad_alora_configs_are_typed_errors_with_the_graph_unchanged(fields, err
     assert_unchanged(gm, snap)
 
 
-def test_a_graph_without_input_ids_and_a_mixed_batch_are_refused():
+def test_a_graph_without_input_ids_is_refused():
     gm = _graph("cnn")  # no token input: nothing to find the invocation in
     snap = snapshot(gm)
     with pytest.raises(UnsupportedSiteError, match="input_ids"):
         fxpeft.rewrite(gm, fxpeft.LoraConfig(target_modules=["fc"], alora_invocation_tokens=INV))
     assert_unchanged(gm, snap)
-    gm = fxpeft.rewrite(_graph("llama"), fxpeft.LoraConfig(target_modules=["q_proj"], alora_invocation_tokens=INV))
-    with pytest.raises(UnsupportedSiteError, match="aLoRA"):
-        fxpeft.mixed_batch(gm)
+
+
+def test_offsets_passed_in_match_the_graph_and_peft(tmp_path):
+    """``alora_offsets=`` (PEFT's convention: counted back from the end of the row, padding included; 0 for none)
+    replaces the in-graph offsets: PEFT's own offsets give the graph's outputs, and offsets of the caller's choice
+    give PEFT's outputs for the same offsets; a float tensor is a typed error."""
+    from peft.tuners.lora.variants import calculate_alora_offsets
+
+    _, pm = _peft_alora(tmp_path)
+    gm = fxpeft.load_adapter(_graph("llama"), tmp_path / "peft").eval()
+    for ids in BATCHES:
+        peft_offsets = calculate_alora_offsets(pm.peft_config, "default", ids)
+        given = torch.tensor([o or 0 for o in peft_offsets])
+        with torch.no_grad():
+            assert torch.equal(gm(input_ids=ids, alora_offsets=given).logits, _logits(gm, ids))
+    ids, chosen = BATCHES[1], [5, 16]  # row 0 has no invocation: activated from T - 5 on anyway; row 1 everywhere
+    with torch.no_grad():
+        got = gm(input_ids=ids, alora_offsets=torch.tensor(chosen)).logits
+        assert rel_err(got, pm(input_ids=ids, alora_offsets=chosen).logits) <= 1e-5
+    assert torch.equal(alora_mask(ids, torch.tensor(INV), torch.tensor(chosen))[:, :, 0].sum(1), torch.tensor(chosen))
+    with pytest.raises(fxpeft.errors.InputShapeError, match="alora_offsets"):
+        gm(input_ids=ids, alora_offsets=torch.tensor([1.0, 2.0]))
+
+
+def test_mixed_batch_of_alora_and_plain_lora_rows_matches_each_row_alone(tmp_path):
+    """adapter_names per row: aLoRA rows (each from its own invocation, or not at all), a plain LoRA row and a base
+    row in one batch, each equal to the row run alone with its adapter; the twin exports with the offsets in it."""
+    gm = fxpeft.rewrite(_graph("llama"), fxpeft.LoraConfig(r=2, target_modules=_TARGETS, init_lora_weights=False,
+                                                          alora_invocation_tokens=INV))
+    fxpeft.rewrite(gm, fxpeft.LoraConfig(r=4, target_modules=["q_proj", "k_proj"], init_lora_weights=False,
+                                         alora_invocation_tokens=INV[1:]), "other")
+    fxpeft.rewrite(gm, fxpeft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), "plain")
+    gm.eval()
+    ids = torch.cat([BATCHES[0], BATCHES[1]])  # invoked at 3, at 10 (twice), none, at 13
+    names = ["default", "other", "default", "plain"]
+    with torch.no_grad():
+        out = gm(input_ids=ids, adapter_names=names).logits
+        for row, name in enumerate(names):
+            fxpeft.set_adapter(gm, name)
+            alone = gm(input_ids=ids[row:row + 1]).logits[0]
+            assert rel_err(out[row], alone) <= 1e-5, (row, name)
+        base = gm(input_ids=ids, adapter_names=["__base__"] * 4).logits
+    assert torch.equal(out[2], base[2])  # an aLoRA row without its invocation is the base model's
+    assert not torch.equal(out[3], base[3])
+
+
+def test_mixed_batch_rows_with_offsets_passed_in():
+    """A mixed batch reads ``alora_offsets`` too: the same outputs as the offsets it would compute."""
+    gm = fxpeft.rewrite(_graph("llama"), fxpeft.LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False,
+                                                          alora_invocation_tokens=INV))
+    fxpeft.rewrite(gm, fxpeft.LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False), "plain")
+    ids = BATCHES[0]
+    with torch.no_grad():
+        want = gm(input_ids=ids, adapter_names=["plain", "default"]).logits
+        got = gm(input_ids=ids, adapter_names=["plain", "default"], alora_offsets=torch.tensor([0, 16 - 10])).logits
+    assert torch.equal(got, want)
 
 
 def test_hot_swapping_between_alora_and_plain_lora_is_refused(tmp_path):

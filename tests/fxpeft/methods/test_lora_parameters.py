@@ -2,7 +2,9 @@
 Qwen3-MoE (transformers 5 ships its experts as 3-D parameters read through ``grouped_mm``) with files both ways,
 PEFT's nested ``base_layer`` key layout, exact merge, training; 2-D parameters on Llama and on a CNN's head; the
 transposed-experts layout; nn.MultiheadAttention as PEFT adapts it (self/cross, batch_first, add_bias_kv), out_proj
-alone refused on save; and typed refusals that leave the graph unchanged."""
+alone and separate q/k/v weights adapted but refused on save; the sweep's weights no module swap reaches (Mamba's
+conv1d/dt_proj, a sliced in_proj, a viewed positional table, a conv weight) against eager; and typed refusals that
+leave the graph unchanged."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_unchanged, peft_counts, rel_err, snapshot
+from conftest import assert_unchanged, out_tensor, peft_counts, rel_err, snapshot
 from conftest import run_graph as _run
 from conftest import run_model as _run_model
 from conftest import traced_base as _base
@@ -145,8 +147,9 @@ def test_llama_2d_parameters_both_ways(tmp_path):
     assert rel_err(_run(fxpeft.load_adapter(_graph("llama"), tmp_path / "peft"), "llama"), _run_model(pm2, "llama")) <= 1e-5
 
 
-def test_cnn_head_parameter_and_conv_refusal(tmp_path):
-    """A CNN: the head's 2-D weight round-trips with PEFT; a 4-D conv weight is refused, the graph unchanged."""
+def test_cnn_head_parameter_and_conv_weight_view(tmp_path):
+    """A CNN: the head's 2-D weight round-trips with PEFT; a 4-D conv weight (which PEFT refuses) adapts through conv
+    LoRA's ``[out, in·k·k]`` view, as an eager ``W + s·(B·A).view(W.shape)``, merges, and is not saved for PEFT."""
     model = _base("cnn")[0]
     torch.manual_seed(0)
     gm = fxpeft.rewrite(_graph("cnn"), fxpeft.LoraConfig(r=2, target_modules=[], target_parameters=["fc.weight"],
@@ -154,11 +157,30 @@ def test_cnn_head_parameter_and_conv_refusal(tmp_path):
     fxpeft.save_adapter(gm, tmp_path)
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path)
     assert rel_err(_run_model(pm, "cnn"), _run(gm, "cnn")) <= 1e-5
-    g = _graph("cnn")
-    snap = snapshot(g)
-    with pytest.raises(UnsupportedSiteError, match="4 dimension"):
-        fxpeft.rewrite(g, fxpeft.LoraConfig(target_modules=[], target_parameters=["conv1.weight"]))
-    assert_unchanged(g, snap)
+    torch.manual_seed(0)
+    gm = fxpeft.rewrite(_graph("cnn"), fxpeft.LoraConfig(r=2, target_modules=[], target_parameters=["conv1.weight"],
+                                                         init_lora_weights=False))
+    (a,) = fxpeft.adapters(gm).values()
+    assert tuple(a.A.shape) == (2, model.conv1.weight[0].numel()) and tuple(a.B.shape) == (model.conv1.out_channels, 2)
+    out = _run(gm, "cnn")
+    _assert_eager_and_merge(model, gm, out, lambda m: _run_model(m, "cnn"))
+    with pytest.raises(fxpeft.AdapterFileError, match="conv weight"):
+        fxpeft.save_adapter(gm, tmp_path / "conv")
+    assert not (tmp_path / "conv" / CONFIG_NAME).exists()
+
+
+@torch.no_grad()
+def _assert_eager_and_merge(model, gm, out, run) -> None:
+    """``out`` (the adapted graph's) is the eager model with each adapted parameter replaced by ``W + s·ΔW``
+    (``ΔW = B·A`` in the parameter's shape), differs from the base, and merging gives it back (fp32 rel <= 1e-5)."""
+    ref = copy.deepcopy(model)
+    sites = fxpeft.find_sites(gm, {"linear", "conv", "embedding", "parameter"})
+    for a in fxpeft.adapters(gm).values():
+        w = ref.get_parameter(sites[a.site_name].weight)
+        w += (a.scaling * (a.B @ a.A)).view(w.shape)
+    assert rel_err(out, run(model)) > 1e-3  # the adapter acts
+    assert rel_err(run(ref), out) <= 1e-5
+    assert rel_err(run(fxpeft.merge(copy.deepcopy(gm))), out) <= 1e-5
 
 
 class _TransposedExperts(nn.Module):
@@ -245,7 +267,9 @@ def _attention(**kwargs):
 
 
 @pytest.mark.parametrize("kwargs", [dict(batch_first=True), dict(batch_first=False), dict(add_bias_kv=True),
-                                    dict(cross=True)], ids=["batch-first", "seq-first", "bias-kv", "cross"])
+                                    dict(cross=True), dict(cross=True, batch_first=False),
+                                    dict(cross=True, batch_first=False, add_bias_kv=True)],
+                         ids=["batch-first", "seq-first", "bias-kv", "cross", "cross-seq-first", "cross-seq-bias-kv"])
 def test_mha_as_a_whole_both_ways(kwargs, tmp_path):
     """PEFT's MHA LoRA (in_proj_weight [3E, E] and out_proj, PEFT applying out_proj's update twice): files both ways
     with the same outputs, PEFT's trainable count, exact merge."""
@@ -285,16 +309,111 @@ def test_mha_out_proj_alone_adapts_but_is_not_saved_for_peft(tmp_path):
     assert not (tmp_path / CONFIG_NAME).exists()
 
 
-def test_mha_with_separate_qkv_weights_is_refused():
-    """kdim != embed_dim: separate q/k/v weights, which PEFT's MHA LoRA refuses too; the graph unchanged."""
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_mha_with_separate_qkv_weights_adapts_merges_and_is_not_saved_for_peft(batch_first, tmp_path):
+    """kdim != embed_dim (which PEFT refuses): LoRA on q/k/v_proj_weight and out_proj, as eager W + s·B·A, exact
+    merge; save_adapter refuses it (PEFT's format cannot say it), writing nothing."""
+    from fxpeft.errors import AdapterFileError
+
     torch.manual_seed(0)
-    model = _Attention(cross=True, kdim=6, vdim=6).eval()
-    args = (torch.randn(2, 5, 8), torch.randn(2, 4, 6))
-    gm = fxpeft.trace(model, args)
-    snap = snapshot(gm)
-    with pytest.raises(UnsupportedSiteError, match="separate q/k/v"):
-        fxpeft.rewrite(gm, fxpeft.LoraConfig(r=2, target_modules=["attn"]))
-    assert_unchanged(gm, snap)
+    model = _Attention(batch_first=batch_first, cross=True, kdim=6, vdim=6).eval()
+    x, y = torch.randn(2, 5, 8), torch.randn(2, 4, 6)
+    args = (x, y) if batch_first else (x.transpose(0, 1).contiguous(), y.transpose(0, 1).contiguous())
+    gm = fxpeft.rewrite(fxpeft.trace(model, args), fxpeft.LoraConfig(r=2, target_modules=["attn"],
+                                                                     init_lora_weights=False))
+    sites = fxpeft.find_sites(gm, {"linear", "parameter"})
+    assert sorted(sites[a.site_name].weight for a in fxpeft.adapters(gm).values()) == [
+        "attn.k_proj_weight", "attn.out_proj.weight", "attn.q_proj_weight", "attn.v_proj_weight"]
+    with torch.no_grad():
+        out = gm(*args)
+    _assert_eager_and_merge(model, gm, out, lambda m: m(*args))
+    with pytest.raises(AdapterFileError, match="separate q/k/v"):
+        fxpeft.save_adapter(gm, tmp_path)
+    assert not (tmp_path / CONFIG_NAME).exists()
+
+
+# ------------------------------------------------------------------ the sweep's weights no module swap reaches
+
+
+@functools.cache
+def _mamba():
+    """A tiny transformers Mamba: its slow path reads ``conv1d.weight`` through a squeeze and ``dt_proj.weight`` on
+    the left of a matmul, so PEFT's module LoRA on them never applies."""
+    cfg = transformers.MambaConfig(vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=1, expand=2,
+                                   conv_kernel=4, time_step_rank=4, use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.MambaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (2, 7))
+    return model, ids, fxpeft.trace(model, (ids,))
+
+
+def test_mamba_conv1d_and_dt_proj_weights_against_eager(tmp_path):
+    """Mamba's depthwise ``conv1d`` (3-D, through conv LoRA's ``[out, in·k]`` view) and ``dt_proj`` (a matmul with
+    the weight on the left): adapted, as eager; merge; the conv view is not saved for PEFT (it reads experts)."""
+    model, ids, base = _mamba()
+    unreached = fxpeft.sites.unreached_weights(base)
+    assert {"backbone.layers.0.mixer.conv1d.weight", "backbone.layers.0.mixer.dt_proj.weight"} <= set(unreached)
+    torch.manual_seed(1)
+    gm = fxpeft.rewrite(copy.deepcopy(base), fxpeft.LoraConfig(
+        r=2, target_modules=[], target_parameters=["mixer.conv1d.weight", "mixer.dt_proj.weight"],
+        init_lora_weights=False))
+    shapes = sorted((tuple(a.A.shape), tuple(a.B.shape)) for a in fxpeft.adapters(gm).values())
+    assert shapes == [((2, 4), (32, 2)), ((2, 4), (32, 2))]  # conv1d [32, 1, 4] -> [32, 1·4]; dt_proj [32, 4]
+
+    def run(m):
+        return out_tensor(m(ids))
+
+    _assert_eager_and_merge(model, gm, run(gm), run)
+    with pytest.raises(fxpeft.AdapterFileError, match="conv weight"):
+        fxpeft.save_adapter(gm, tmp_path)
+
+
+class _SlicedCrossAttention(nn.Module):
+    """Cross-attention with one packed ``in_proj`` [3E, E] sliced into q / k / v, each applied with ``F.linear``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_proj = nn.Parameter(torch.randn(24, 8) / 3)
+        self.out = nn.Linear(8, 8)
+
+    def forward(self, x, mem):
+        q = nn.functional.linear(x, self.in_proj[:8])
+        k = nn.functional.linear(mem, self.in_proj[8:16])
+        v = nn.functional.linear(mem, self.in_proj[16:])
+        att = torch.softmax(q @ k.transpose(1, 2) / 8 ** 0.5, -1)
+        return self.out(att @ v)
+
+
+class _PositionalView(nn.Module):
+    """A learned positional table read through a view, ``pos[:T]``, added to the token embeddings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(32, 8)
+        self.pos = nn.Parameter(torch.randn(16, 8))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, ids):
+        return self.head(self.tok(ids) + self.pos[: ids.shape[1]])
+
+
+@pytest.mark.parametrize("case", ["sliced-in-proj", "positional-view"])
+def test_sliced_and_viewed_weights_against_eager(case):
+    """A cross-attention ``in_proj`` used through slices, a positional table through a view: unreached by any call
+    site, adapted as parameters (one update before all uses), as eager; merge."""
+    torch.manual_seed(0)
+    if case == "sliced-in-proj":
+        model, args, target = _SlicedCrossAttention().eval(), (torch.randn(2, 5, 8), torch.randn(2, 3, 8)), "in_proj"
+    else:
+        model, args, target = _PositionalView().eval(), (torch.randint(0, 32, (2, 6)),), "pos"
+    base = fxpeft.trace(model, args)
+    assert target in fxpeft.sites.unreached_weights(base)
+    torch.manual_seed(1)
+    gm = fxpeft.rewrite(base, fxpeft.LoraConfig(r=2, target_modules=[], target_parameters=[target],
+                                                init_lora_weights=False))
+    with torch.no_grad():
+        out = gm(*args)
+    _assert_eager_and_merge(model, gm, out, lambda m: m(*args))
 
 
 def test_parameter_adapters_refuse_what_mixes_experts():

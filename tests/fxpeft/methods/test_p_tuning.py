@@ -174,3 +174,46 @@ def test_typed_refusals_leave_the_graph_unchanged():
     with pytest.raises(fxpeft.errors.UnsupportedSiteError, match="no embedding node"):
         fxpeft.rewrite(cnn, fxpeft.PromptEncoderConfig(num_virtual_tokens=2))
     assert_unchanged(cnn, snap)
+
+
+def _greedy(step, ids: torch.Tensor, new: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decoding by re-running ``step`` (ids -> logits ``[B, NV+T, V]``) on the growing sequence, the next
+    token read at the last position (PEFT's forward re-run is the reference, not its ``generate()``). The ids and
+    each step's last logits ``[B, new, V]``."""
+    last = []
+    with torch.no_grad():
+        for _ in range(new):
+            last.append(step(ids)[:, -1])
+            ids = torch.cat([ids, last[-1].argmax(-1, keepdim=True)], 1)
+    return ids, torch.stack(last, 1)
+
+
+@pytest.mark.parametrize("name,kind", [("llama", "LSTM"), ("gpt2", "MLP")])
+def test_greedy_generation_gives_the_tokens_of_peft_forward_rerun(name, kind):
+    model, traced = _padded(name)
+    gm = fxpeft.rewrite(copy.deepcopy(traced), _cfg(kind)).eval()
+    pm = peft.get_peft_model(copy.deepcopy(model), _cfg(kind)).eval()
+    pm.prompt_encoder["default"].load_state_dict(gm.get_submodule(SHARED).state_dict())
+    ids = _batch()["input_ids"][:, :6]
+    inputs = lambda x: {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}  # noqa: E731
+    got, got_last = _greedy(lambda x: _out(gm(**inputs(x)))[1], ids)
+    ref, ref_last = _greedy(lambda x: pm(**inputs(x)).logits, ids)  # the encoder's prompt goes in at every step
+    assert got.shape == (2, 10) and torch.equal(got, ref) and rel_err(got_last, ref_last) <= 1e-5
+    assert rel_err(got_last, _greedy(lambda x: model(**inputs(x)).logits, ids)[1]) > 1e-3  # not the base's
+
+
+@pytest.mark.heavy  # a second torch.export (the prompt-tuning file exports on every run)
+@pytest.mark.filterwarnings("ignore:The tensor attributes .*_flat_weights:UserWarning")  # torch's nn.LSTM on export
+def test_pt2_export_keeps_the_encoder_prompt_at_another_size(tmp_path):
+    _, traced = _padded("llama")
+    gm = fxpeft.rewrite(copy.deepcopy(traced), _cfg("LSTM")).eval()
+    torch.manual_seed(5)
+    ids = torch.randint(1, 256, (3, 7))
+    other = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with torch.no_grad():
+        ref_loss, ref = _out(gm(**other))
+    fxpeft.export(gm, tmp_path / "p.pt2", kwargs={**_batch(), "use_cache": False})  # the encoder call goes in too
+    with torch.no_grad():
+        loss, logits = _out(torch.export.load(str(tmp_path / "p.pt2")).module()(**other, use_cache=False))
+        assert torch.equal(_out(gm(**other))[1], ref)  # the graph itself is as it was
+    assert logits.shape == (3, NV + 7, 256) and rel_err(logits, ref) <= 1e-6 and rel_err(loss, ref_loss) <= 1e-6

@@ -220,3 +220,127 @@ def test_bert_encoder_with_a_padded_mask():
         got = out_tensor(gm(input_ids=kwargs["input_ids"], attention_mask=mask))
         ref = pm(input_ids=kwargs["input_ids"], attention_mask=mask).last_hidden_state
     assert got.shape == (2, 3 + 16, 64) and rel_err(got, ref) <= 1e-5
+
+
+def _greedy(step, ids: torch.Tensor, new: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decoding by re-running ``step`` (ids -> logits ``[B, NV+T, V]``) on the growing sequence: the next
+    token is read at the last position (the demo's way; PEFT's own ``generate()`` is wrong in 0.21 with
+    transformers 5, so its forward re-run is the reference). The ids and each step's last logits ``[B, new, V]``."""
+    last = []
+    with torch.no_grad():
+        for _ in range(new):
+            last.append(step(ids)[:, -1])
+            ids = torch.cat([ids, last[-1].argmax(-1, keepdim=True)], 1)
+    return ids, torch.stack(last, 1)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_greedy_generation_gives_the_tokens_of_peft_forward_rerun(name):
+    model, traced = _padded(name)
+    cfg = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=NV)
+    gm = fxpeft.rewrite(copy.deepcopy(traced), copy.deepcopy(cfg)).eval()
+    pm = peft.get_peft_model(copy.deepcopy(model), cfg).eval()
+    with torch.no_grad():
+        pm.prompt_encoder["default"].embedding.weight.copy_(gm.get_parameter(
+            "fxpeft_shared_prompt_tuning_default.prompt_embeddings"))
+    ids = _batch()["input_ids"][:, :6]
+    inputs = lambda x: {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}  # noqa: E731
+    got, got_last = _greedy(lambda x: _out(gm(**inputs(x)))[1], ids)
+    ref, ref_last = _greedy(lambda x: pm(**inputs(x)).logits, ids)  # the prompt goes in at every step
+    assert got.shape == (2, 10) and torch.equal(got, ref) and rel_err(got_last, ref_last) <= 1e-5
+    assert rel_err(got_last, _greedy(lambda x: model(**inputs(x)).logits, ids)[1]) > 1e-3  # not the base's
+
+
+def test_export_graph_runs_at_other_sizes_and_a_pt2_keeps_the_prompt_and_the_dynamic_dims(tmp_path):
+    model, traced = _padded("llama")
+    gm = fxpeft.rewrite(copy.deepcopy(traced), fxpeft.PromptTuningConfig(num_virtual_tokens=NV)).eval()
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                            num_virtual_tokens=NV)).eval()
+    with torch.no_grad():
+        (table,) = [p for p in gm.parameters() if p.requires_grad]
+        pm.prompt_encoder["default"].embedding.weight.copy_(table)
+    torch.manual_seed(5)  # another batch size and length than traced, padded on the left
+    ids = torch.randint(1, 256, (3, 7))
+    other = {"input_ids": ids, "attention_mask": torch.ones_like(ids).index_fill_(1, torch.tensor([0]), 0),
+             "labels": ids}
+    with torch.no_grad():
+        loss, logits = _out(gm(**other))
+        ref_loss, ref = _out(pm(**other))
+    assert logits.shape == (3, NV + 7, 256) and rel_err(logits, ref) <= 1e-5 and rel_err(loss, ref_loss) <= 1e-5
+
+    path = tmp_path / "prompt.pt2"
+    fxpeft.export(gm, path, kwargs={**_batch(), "use_cache": False})  # unmerged: the prompt is a parameter
+    loaded = torch.export.load(str(path)).module()
+    with torch.no_grad():
+        p_loss, p_logits = _out(loaded(**other, use_cache=False))
+    assert p_logits.shape == (3, NV + 7, 256) and rel_err(p_logits, logits) <= 1e-6 and rel_err(p_loss, loss) <= 1e-6
+
+
+@pytest.mark.heavy
+def test_torch_compile_fullgraph_gives_the_same_logits_and_follows_disable():
+    _, traced = _padded("llama")
+    gm = fxpeft.rewrite(copy.deepcopy(traced), fxpeft.PromptTuningConfig(num_virtual_tokens=NV)).eval()
+    batch = _batch()
+    compiled = torch.compile(gm, fullgraph=True)  # the on/off choice is a guarded Python flag: no graph break
+    with torch.no_grad():
+        ref, got = _out(gm(**batch))[1], _out(compiled(**batch))[1]
+        assert got.shape == (2, NV + 10, 256) and rel_err(got, ref) <= 1e-5
+        with fxpeft.disable_adapters(gm):
+            off = _out(compiled(**batch))[1]
+        assert off.shape == (2, 10, 256) and rel_err(off, _out(traced(**batch))[1]) <= 1e-5
+
+
+@functools.cache
+def _bert_cls():
+    """A 1-layer ``BertForSequenceClassification`` (3 labels) and its graph traced with a padded mask and labels."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=256, hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=128, num_labels=3)).eval()
+    ids = torch.randint(1, 256, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[1, -2:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 2])}
+    return model, batch, fxpeft.trace(model, (), batch)
+
+
+def test_bert_sequence_classification_with_the_classifier_saved_files_both_ways_and_training(tmp_path):
+    model, batch, traced = _bert_cls()
+    cfg = peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3)  # PEFT adds classifier to modules_to_save
+    pm = peft.get_peft_model(copy.deepcopy(model), copy.deepcopy(cfg)).eval()
+    with torch.no_grad():  # a trained head: the saved copy differs from the base classifier
+        pm.base_model.classifier.modules_to_save["default"].weight.add_(torch.randn(3, 64))
+        ref_loss, ref = _out(pm(**batch))
+    pm.save_pretrained(str(tmp_path / "peft"))
+    assert set(load_file(str(tmp_path / "peft" / WEIGHTS_NAME))) == {
+        "prompt_embeddings", "base_model.classifier.weight", "base_model.classifier.bias"}  # PEFT's prompt keys
+
+    gm = fxpeft.load_adapter(copy.deepcopy(traced), tmp_path / "peft").eval()  # PEFT -> fxpeft, classifier included
+    with torch.no_grad():
+        loss, logits = _out(gm(**batch))
+        base = model(**batch).logits
+    assert logits.shape == (2, 3) and rel_err(logits, ref) <= 1e-5 and rel_err(loss, ref_loss) <= 1e-5
+    assert rel_err(logits, base) > 1e-2
+    fxpeft.save_adapter(gm, tmp_path / "fx")  # fxpeft -> PEFT
+    assert set(load_file(str(tmp_path / "fx" / WEIGHTS_NAME))) == set(load_file(str(tmp_path / "peft" / WEIGHTS_NAME)))
+    assert json.loads((tmp_path / "fx" / CONFIG_NAME).read_text())["task_type"] == "SEQ_CLS"
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "fx")).eval()
+    with torch.no_grad():
+        assert rel_err(back(**batch).logits, ref) <= 1e-5
+
+    gm = fxpeft.rewrite(copy.deepcopy(traced), copy.deepcopy(cfg)).train()  # a PEFT config object
+    assert fxpeft.get_nb_trainable_parameters(gm) == peft_counts(model, cfg)  # prompt + classifier copy
+    trained = [p for p in gm.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(trained, lr=0.05)
+    losses = []
+    for _ in range(5):
+        loss = _out(gm(**batch))[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert torch.equal(gm.get_parameter("classifier.weight"), model.classifier.weight)  # the base head is frozen
