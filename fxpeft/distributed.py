@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import fx, nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from .atomic import replace_file
 from .copies import load_copy_tensors
@@ -258,6 +259,18 @@ def _checkpoint(checkpoint_dir: str | os.PathLike) -> tuple[str, dict[str, Any],
     return directory, config, shapes
 
 
+@contextlib.contextmanager
+def _reading(directory: str) -> Iterator[None]:
+    """Turn DCP's errors while reading the shard files (one missing, truncated) into a typed one."""
+    try:
+        yield
+    except AdapterFileError:
+        raise
+    except (Exception, CheckpointException) as e:  # DCP wraps every rank's errors in one (a BaseException)
+        raise AdapterFileError(f"reading the checkpoint in {directory!r} failed: a shard file is missing or corrupt "
+                               f"({type(e).__name__}: {str(e)[:300]}). Save it again. Nothing was changed") from e
+
+
 def load_adapter_dcp(gm: fx.GraphModule, checkpoint_dir: str | os.PathLike, adapter_name: str = "default") -> None:
     """Load an adapter checkpoint written by :func:`save_adapter_dcp` (on any number of processes) into the
     adapter ``adapter_name`` of ``gm``, which must already hold it (rewrite with the same config first; under
@@ -286,8 +299,8 @@ def load_adapter_dcp(gm: fx.GraphModule, checkpoint_dir: str | os.PathLike, adap
                                f"{layout.method.name.upper()}. Nothing was changed")
     _check_keys(shapes, _expected(layout), "checkpoint")
     target = {k: torch.empty_like(t) for k, t in adapter_state_dict(gm, adapter_name).items()}  # sharded alike
-    with _quiet_alone():
-        dcp.load(target, checkpoint_id=directory, no_dist=not _dist_on())
+    with _reading(directory), _quiet_alone():
+        dcp.load(target, checkpoint_id=directory, no_dist=not _dist_on())  # into copies: gm is untouched so far
     set_adapter_state_dict(gm, target, adapter_name)
 
 
@@ -318,8 +331,9 @@ def consolidate_adapter(checkpoint_dir: str | os.PathLike, out_dir: str | os.Pat
         raise AdapterFileError(f"the checkpoint in {directory!r} holds no tensors")
     tensors: dict[str, Any] = {}
     # no process group: read every tensor whole, as DCP's own dcp_to_torch_save does
-    _load_state_dict(tensors, storage_reader=dcp.FileSystemReader(directory), planner=_EmptyStateDictLoadPlanner(),
-                     no_dist=True)
+    with _reading(directory):
+        _load_state_dict(tensors, storage_reader=dcp.FileSystemReader(directory),
+                         planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     bad = [k for k, t in tensors.items() if not isinstance(t, torch.Tensor)
            or (t.is_floating_point() and not bool(torch.isfinite(t).all()))]
     if bad:

@@ -14,9 +14,10 @@ base weights and the adapters inserted in it. State-dict keys are unchanged. Its
 after it (a tuple when there are several).
 
 Uses: ``torch.distributed.fsdp.fully_shard`` needs a module with a forward per layer (:func:`fxpeft.shard`), and
-``gm.code`` shrinks to one line per layer. :class:`InlineBlocks` undoes it exactly (same nodes, tags and module
-tree); graph edits that walk the nodes (rewrite, merge, save/load of adapter files) refuse an outlined graph and
-name it.
+``gm.code`` shrinks to one line per layer. :class:`InlineBlocks` undoes it (the same nodes, tags and module tree).
+The public edits and file operations that walk the nodes (``rewrite``, ``merge``, ``save_adapter``, ...) are
+wrapped in :func:`on_flat_graph`: on an outlined graph they inline, run and outline again; on a sharded one they
+raise :class:`fxpeft.ConfigError`.
 """
 
 from __future__ import annotations
@@ -38,8 +39,15 @@ from fxpeft.serialize import FxPeftGraphModule
 
 from .transaction import transaction
 
-__all__ = ["OutlineBlocks", "InlineBlocks", "OutlinedBlock", "outlined_blocks", "repeated_blocks", "on_flat_graph",
-           "is_sharded"]
+__all__ = [
+    "InlineBlocks",
+    "OutlineBlocks",
+    "OutlinedBlock",
+    "is_sharded",
+    "on_flat_graph",
+    "outlined_blocks",
+    "repeated_blocks",
+]
 
 _NUMBERED = re.compile(r"^(.+)\.(\d+)$")
 #: ``OutlinedBlock.meta`` key of its :class:`BlockRecord`.
@@ -317,8 +325,8 @@ def _inline(gm: fx.GraphModule, call: fx.Node) -> None:
     graph.erase_node(call)
     parent_path, _, leaf = path.rpartition(".")
     record = block.meta.get(BLOCK_KEY)
-    container = (record.container if isinstance(record, BlockRecord) else torch.nn.Module).__new__(
-        record.container if isinstance(record, BlockRecord) else torch.nn.Module)
+    cls = record.container if isinstance(record, BlockRecord) else torch.nn.Module
+    container = cls.__new__(cls)  # an empty container of the original class: its state comes from the block
     torch.nn.Module.__init__(container)
     _move_tables(block, container)
     setattr(gm.get_submodule(parent_path), leaf, container)

@@ -126,3 +126,15 @@ def run_model(model, name: str) -> torch.Tensor:
     """The eager model's main output on :func:`traced_base`'s inputs."""
     _, args, kwargs, _ = traced_base(name)
     return out_tensor(model.eval()(*args, **kwargs))
+
+
+@torch.no_grad()
+def greedy_rerun(step, ids: torch.Tensor, new: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decoding by re-running ``step`` (ids -> logits ``[B, L, V]``) on the growing sequence, the next token
+    read at the last position (the demo's way; for prompt methods PEFT's forward re-run is the reference, not its
+    ``generate()``). The ids ``[B, T+new]`` and each step's last logits ``[B, new, V]``."""
+    last = []
+    for _ in range(new):
+        last.append(step(ids)[:, -1])
+        ids = torch.cat([ids, last[-1].argmax(-1, keepdim=True)], 1)
+    return ids, torch.stack(last, 1)

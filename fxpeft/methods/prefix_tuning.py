@@ -22,8 +22,9 @@ graph the same thing is a structural edit, found without any per-architecture co
 
 **Output layout.** As PEFT's prefix tuning: logits ``[B, T, V]`` (no virtual positions), the loss over the real
 tokens. With the adapter off (``disable_adapters``, ``set_adapter`` to another adapter) the prefix has no rows: the
-graph computes exactly the base model. The choice reads the adapter's gate in eager Python (a ``torch.compile`` of
-the graph breaks there, as for prompt tuning).
+graph computes exactly the base model. The choice is a Python flag on the adapter's
+:class:`~fxpeft.methods.prompt_tuning.PromptSwitch`, as for prompt tuning: ``torch.compile`` guards on it (no graph
+break) and :func:`fxpeft.export` writes a ``.pt2`` with the prefix in.
 
 **Supported graphs**: export graphs (``fxpeft.trace`` with example inputs) with an input embedding and SDPA
 attention nodes whose keys are ``[B, heads, S, head_dim]``, and whose positions come from an ``arange`` over the
@@ -57,7 +58,7 @@ from fxpeft.tags import Role, get_tag
 from fxpeft.passes.attention import _ancestors, _same, _sdpa_arguments, _unrepeat
 
 from .lora import adapter_dtype
-from .prompt_tuning import _KEY, _graph_input, _is_check, live_rows
+from .prompt_tuning import _KEY, PromptSwitch, _graph_input, _is_check
 from .trainable_tokens import _input_embedding
 
 __all__ = ["PrefixTuningConfig", "PrefixEncoder", "PrefixTuningAdapter", "PrefixTuning"]
@@ -168,6 +169,10 @@ class PrefixTuningAdapter(AdapterModule):
         self.encoder = {"prefix_projection": bool(config.prefix_projection),
                         "encoder_hidden_size": config.encoder_hidden_size or config.token_dim,
                         "init_weights": config.init_weights}
+        self.switch = PromptSwitch()
+
+    def gate_changed(self, on: bool) -> None:
+        self.switch.on = on  # the graph's choice of prefix rows follows the gate
 
 
 # ------------------------------------------------------------------------------------------- graph analysis
@@ -368,9 +373,8 @@ class PrefixTuning(Method):
         dtype = layers[0].node.meta["val"].dtype
         last = [n for n in emit.graph.nodes if n.op == "placeholder"][-1]
         with emit.graph.inserting_before(last.next):  # at the entry: the positions are computed early
-            gate = emit.param("gate", Role.GATE)
             rows = emit.call_shared(label="prefix_encoder")  # [NV, num_layers * 2 * token_dim]
-            rows = emit.function(live_rows, rows, gate, label="prefix")  # [0, width] while the adapter is off
+            rows = emit.module("switch", rows, label="prefix")  # [0, width] while the adapter is off
             if emit.gm.get_submodule(Method.shared_path(cls.name, adapter.adapter_name)).embedding.weight.dtype != dtype:
                 rows = emit.cast(rows, dtype)
             nv = emit.op(aten.sym_size.int, rows, 0, label="num_virtual")

@@ -49,8 +49,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        import fxpeft
         from fxpeft.passes.outline import is_sharded, outlined_blocks
+
+        import fxpeft
 
         ex = _example()
         gm = ex.build()

@@ -71,7 +71,7 @@ def test_shared_state_and_copies_go_through_the_state_dict():
     # modules_to_save copies too, under PEFT's keys
     cnn = fxpeft.rewrite(traced_copy("cnn"), fxpeft.LoraConfig(r=2, target_modules=["conv1"], modules_to_save=["fc"]))
     sd = _values(cnn)
-    assert any("modules_to_save" in k for k in sd)
+    assert {"base_model.model.fc.weight", "base_model.model.fc.bias"} <= set(sd)  # as PEFT saves modules_to_save
     fresh = {k: torch.randn_like(v) for k, v in sd.items()}
     fxpeft.set_adapter_state_dict(cnn, fresh)
     assert all(torch.equal(fxpeft.adapter_state_dict(cnn)[k], fresh[k]) for k in sd)
@@ -145,6 +145,14 @@ def test_load_adapter_dcp_refuses_what_does_not_fit(tmp_path):
             fxpeft.load_adapter_dcp(gm, where)
     with pytest.raises(fxpeft.AdapterFileError, match="does not exist"):
         fxpeft.consolidate_adapter(tmp_path / "missing", tmp_path / "out")
+    for f in (tmp_path / "r4").glob("*.distcp"):  # a lost shard file: set aside, then put back
+        os.rename(f, tmp_path / f.name)
+    for call in (lambda: fxpeft.load_adapter_dcp(gm, tmp_path / "r4"),
+                 lambda: fxpeft.consolidate_adapter(tmp_path / "r4", tmp_path / "out")):
+        with pytest.raises(fxpeft.AdapterFileError, match="shard file is missing"):
+            call()
+    for f in tmp_path.glob("*.distcp"):
+        os.rename(f, tmp_path / "r4" / f.name)
     assert_unchanged(gm, snap)
     fxpeft.load_adapter_dcp(gm, tmp_path / "r4")  # and the right one still loads
     assert_unchanged(gm, snap)

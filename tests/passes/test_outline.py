@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import fxpeft
 
 pytest.importorskip("transformers")
-LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}
 
 
 def _llama():
@@ -111,6 +111,26 @@ def test_both_dialects_outline_a_module_list(dialect):
     OutlineBlocks()(gm)
     assert sorted(outlined_blocks(gm)) == ["layers.0", "layers.1", "layers.2"]
     assert sum(n.op == "call_module" and n.target.startswith("layers.") for n in gm.graph.nodes) == 3
+    assert torch.equal(gm(x), ref)
+
+
+def test_a_block_that_is_not_convex_stays_flat_with_a_warning():
+    torch.manual_seed(0)
+    model, x = _Stack(), torch.randn(5, 4)
+    gm = fxpeft.trace(model, (x,))
+    ref = gm(x)
+    def innermost(n):
+        return list((n.meta.get("nn_module_stack") or {"": ("", None)}).values())[-1][0]
+
+    head = [n for n in gm.graph.nodes if innermost(n) == "head"]
+    layer0 = next(n.meta["nn_module_stack"] for n in gm.graph.nodes if innermost(n).startswith("layers.0"))
+    assert head
+    for n in head:  # the head claims to be part of layers.0: layers.1 and .2 then read and feed that block
+        n.meta["nn_module_stack"] = dict(layer0)
+    with pytest.warns(UserWarning, match=r"left 1 block\(s\) flat \(\['layers.0'\]"):
+        assert OutlineBlocks()(gm).modified
+    assert sorted(outlined_blocks(gm)) == ["layers.1", "layers.2"]
+    gm.graph.lint()
     assert torch.equal(gm(x), ref)
 
 

@@ -225,6 +225,24 @@ def test_mixed_batch_of_alora_and_plain_lora_rows_matches_each_row_alone(tmp_pat
     assert not torch.equal(out[3], base[3])
 
 
+def test_mixed_batch_of_alora_and_plain_lora_matches_peft_adapter_names(tmp_path):
+    """The same mixed batch in PEFT (its ``adapter_names=`` forward, its per-row offsets): the same outputs."""
+    model = _base("llama")[0]
+    gm = fxpeft.rewrite(_graph("llama"), fxpeft.LoraConfig(r=2, target_modules=_TARGETS, init_lora_weights=False,
+                                                          alora_invocation_tokens=INV))
+    fxpeft.rewrite(gm, fxpeft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), "plain")
+    for name in ("default", "plain"):
+        fxpeft.save_adapter(gm, tmp_path / name, adapter_name=name)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "default"))
+    pm.load_adapter(str(tmp_path / "plain"), adapter_name="plain")
+    pm.eval(), gm.eval()
+    ids = torch.cat([BATCHES[0], BATCHES[1]])
+    names = ["plain", "default", "default", "default"]  # the aLoRA rows: invoked at 10 (twice), none, at 13
+    with torch.no_grad():
+        ours = gm(input_ids=ids, adapter_names=names).logits
+        assert rel_err(ours, pm(input_ids=ids, adapter_names=names).logits) <= 1e-5
+
+
 def test_mixed_batch_rows_with_offsets_passed_in():
     """A mixed batch reads ``alora_offsets`` too: the same outputs as the offsets it would compute."""
     gm = fxpeft.rewrite(_graph("llama"), fxpeft.LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False,

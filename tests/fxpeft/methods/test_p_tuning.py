@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_unchanged, peft_counts, rel_err, snapshot
+from conftest import assert_unchanged, greedy_rerun, peft_counts, rel_err, snapshot
 from conftest import traced_copy as _graph
 from safetensors.torch import load_file
 
@@ -176,18 +176,6 @@ def test_typed_refusals_leave_the_graph_unchanged():
     assert_unchanged(cnn, snap)
 
 
-def _greedy(step, ids: torch.Tensor, new: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy decoding by re-running ``step`` (ids -> logits ``[B, NV+T, V]``) on the growing sequence, the next
-    token read at the last position (PEFT's forward re-run is the reference, not its ``generate()``). The ids and
-    each step's last logits ``[B, new, V]``."""
-    last = []
-    with torch.no_grad():
-        for _ in range(new):
-            last.append(step(ids)[:, -1])
-            ids = torch.cat([ids, last[-1].argmax(-1, keepdim=True)], 1)
-    return ids, torch.stack(last, 1)
-
-
 @pytest.mark.parametrize("name,kind", [("llama", "LSTM"), ("gpt2", "MLP")])
 def test_greedy_generation_gives_the_tokens_of_peft_forward_rerun(name, kind):
     model, traced = _padded(name)
@@ -195,11 +183,11 @@ def test_greedy_generation_gives_the_tokens_of_peft_forward_rerun(name, kind):
     pm = peft.get_peft_model(copy.deepcopy(model), _cfg(kind)).eval()
     pm.prompt_encoder["default"].load_state_dict(gm.get_submodule(SHARED).state_dict())
     ids = _batch()["input_ids"][:, :6]
-    inputs = lambda x: {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}  # noqa: E731
-    got, got_last = _greedy(lambda x: _out(gm(**inputs(x)))[1], ids)
-    ref, ref_last = _greedy(lambda x: pm(**inputs(x)).logits, ids)  # the encoder's prompt goes in at every step
+    inputs = lambda x: {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}
+    got, got_last = greedy_rerun(lambda x: _out(gm(**inputs(x)))[1], ids)
+    ref, ref_last = greedy_rerun(lambda x: pm(**inputs(x)).logits, ids)  # the encoder's prompt goes in at every step
     assert got.shape == (2, 10) and torch.equal(got, ref) and rel_err(got_last, ref_last) <= 1e-5
-    assert rel_err(got_last, _greedy(lambda x: model(**inputs(x)).logits, ids)[1]) > 1e-3  # not the base's
+    assert rel_err(got_last, greedy_rerun(lambda x: model(**inputs(x)).logits, ids)[1]) > 1e-3  # not the base's
 
 
 @pytest.mark.heavy  # a second torch.export (the prompt-tuning file exports on every run)

@@ -228,11 +228,22 @@ def test_matmul_softmax_attention_and_models_without_embedding_are_refused_by_na
 
 
 @pytest.mark.heavy
-def test_compiled_graph_matches_peft():
-    _, _, gm, pm = _pair("llama")
+def test_compiled_graph_and_a_pt2_match_peft(tmp_path):
+    model, _, gm, pm = _pair("llama")
     batch = _batch()
-    compiled = torch.compile(gm)  # the gate's eager choice is a graph break; the attention edit compiles
+    compiled = torch.compile(gm, fullgraph=True)  # the on/off switch is a guarded Python flag: no graph break
     with torch.no_grad():
         loss, logits = _out(compiled(**batch))
         ref_loss, ref = _out(pm(**batch))
     assert rel_err(logits, ref) <= 1e-5 and rel_err(loss, ref_loss) <= 1e-5
+    with fxpeft.disable_adapters(gm), torch.no_grad():  # the toggle recompiles to the base model
+        assert rel_err(_out(compiled(**batch))[1], model(**batch).logits) <= 1e-5
+    path = tmp_path / "prefix.pt2"
+    fxpeft.export(gm, path, kwargs={**batch, "use_cache": False})  # unmerged: the prefix encoder is in the file
+    loaded = torch.export.load(str(path)).module()
+    torch.manual_seed(5)
+    other = {"input_ids": torch.randint(1, 256, (3, 7)), "attention_mask": torch.ones(3, 7, dtype=torch.long)}
+    other["labels"] = other["input_ids"]
+    with torch.no_grad():
+        got, want = _out(loaded(**other, use_cache=False))[1], _out(pm(**other))[1]
+    assert got.shape == (3, 7, 256) and rel_err(got, want) <= 1e-5  # dynamic dims kept, the prefix in

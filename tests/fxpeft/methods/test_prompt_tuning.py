@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_unchanged, out_tensor, peft_counts, rel_err, snapshot
+from conftest import assert_unchanged, greedy_rerun, out_tensor, peft_counts, rel_err, snapshot
 from conftest import traced_base as _base
 from conftest import traced_copy as _graph
 from safetensors.torch import load_file
@@ -187,6 +187,14 @@ def test_typed_refusals_leave_the_graph_unchanged():
         with pytest.raises(error, match=match):
             fxpeft.rewrite(gm, fxpeft.PromptTuningConfig(**fields))
         assert_unchanged(gm, snap)
+    text = {"num_virtual_tokens": 2, "prompt_tuning_init": "TEXT"}
+    for fields, match in [({**text, "prompt_tuning_init_token_ids": []}, "non-empty"),
+                          ({**text, "prompt_tuning_init_token_ids": [3, -1]}, "ints >= 0"),
+                          ({**text, "prompt_tuning_init_token_ids": [3, 256]}, "outside the input embedding"),
+                          ({"num_virtual_tokens": 2, "prompt_tuning_init_token_ids": [3]}, "ignored")]:
+        with pytest.raises(fxpeft.ConfigError, match=match):
+            fxpeft.rewrite(gm, fxpeft.PromptTuningConfig(**fields))
+        assert_unchanged(gm, snap)
     with pytest.raises(fxpeft.errors.FxPeftError, match="tokenizer"):  # PEFT accepts TEXT with a tokenizer name
         fxpeft.rewrite(gm, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2,
                                                    prompt_tuning_init="TEXT", prompt_tuning_init_text="hi",
@@ -222,18 +230,6 @@ def test_bert_encoder_with_a_padded_mask():
     assert got.shape == (2, 3 + 16, 64) and rel_err(got, ref) <= 1e-5
 
 
-def _greedy(step, ids: torch.Tensor, new: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy decoding by re-running ``step`` (ids -> logits ``[B, NV+T, V]``) on the growing sequence: the next
-    token is read at the last position (the demo's way; PEFT's own ``generate()`` is wrong in 0.21 with
-    transformers 5, so its forward re-run is the reference). The ids and each step's last logits ``[B, new, V]``."""
-    last = []
-    with torch.no_grad():
-        for _ in range(new):
-            last.append(step(ids)[:, -1])
-            ids = torch.cat([ids, last[-1].argmax(-1, keepdim=True)], 1)
-    return ids, torch.stack(last, 1)
-
-
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_greedy_generation_gives_the_tokens_of_peft_forward_rerun(name):
     model, traced = _padded(name)
@@ -244,11 +240,11 @@ def test_greedy_generation_gives_the_tokens_of_peft_forward_rerun(name):
         pm.prompt_encoder["default"].embedding.weight.copy_(gm.get_parameter(
             "fxpeft_shared_prompt_tuning_default.prompt_embeddings"))
     ids = _batch()["input_ids"][:, :6]
-    inputs = lambda x: {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}  # noqa: E731
-    got, got_last = _greedy(lambda x: _out(gm(**inputs(x)))[1], ids)
-    ref, ref_last = _greedy(lambda x: pm(**inputs(x)).logits, ids)  # the prompt goes in at every step
+    inputs = lambda x: {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}
+    got, got_last = greedy_rerun(lambda x: _out(gm(**inputs(x)))[1], ids)
+    ref, ref_last = greedy_rerun(lambda x: pm(**inputs(x)).logits, ids)  # the prompt goes in at every step
     assert got.shape == (2, 10) and torch.equal(got, ref) and rel_err(got_last, ref_last) <= 1e-5
-    assert rel_err(got_last, _greedy(lambda x: model(**inputs(x)).logits, ids)[1]) > 1e-3  # not the base's
+    assert rel_err(got_last, greedy_rerun(lambda x: model(**inputs(x)).logits, ids)[1]) > 1e-3  # not the base's
 
 
 def test_export_graph_runs_at_other_sizes_and_a_pt2_keeps_the_prompt_and_the_dynamic_dims(tmp_path):
@@ -344,3 +340,30 @@ def test_bert_sequence_classification_with_the_classifier_saved_files_both_ways_
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     assert torch.equal(gm.get_parameter("classifier.weight"), model.classifier.weight)  # the base head is frozen
+
+
+def test_text_init_from_the_tokenizer_output_is_peft_s_and_its_file_loads_in_peft(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "classify", "the", "review"]  # a local word-level tokenizer: PEFT loads it by path
+    tok = Tokenizer(models.WordLevel({w: 7 * i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(str(tmp_path / "tok"))
+    text = {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "classify the review",
+            "tokenizer_name_or_path": str(tmp_path / "tok")}
+    ids = PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "tok"))(text["prompt_tuning_init_text"])["input_ids"]
+    assert ids == [7, 14, 21]
+    model, traced = _padded("llama")
+    for nv in (NV, 2):  # the text's ids repeated to NV rows, or cut
+        pm = peft.get_peft_model(copy.deepcopy(model), peft.PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                                num_virtual_tokens=nv, **text))
+        gm = fxpeft.rewrite(copy.deepcopy(traced), fxpeft.PromptTuningConfig(
+            num_virtual_tokens=nv, prompt_tuning_init_token_ids=ids, **text))
+        (table,) = [p for p in gm.parameters() if p.requires_grad]
+        assert torch.equal(table, pm.prompt_encoder["default"].embedding.weight)
+    fxpeft.save_adapter(gm, tmp_path / "fx")
+    config = json.loads((tmp_path / "fx" / CONFIG_NAME).read_text())
+    assert {k: config[k] for k in text} == text  # PEFT's TEXT settings written back
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "fx")).eval()
+    assert torch.equal(back.prompt_encoder["default"].embedding.weight, table)
