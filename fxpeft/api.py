@@ -381,6 +381,9 @@ def export(gm: nn.Module, path: str | os.PathLike, args: tuple = (), kwargs: dic
 
     The graph is exported in eval mode (dropout off), with the same dynamic dims as :func:`trace`. The
     file is written to a temporary name in the same directory and renamed, so a crash leaves no half file.
+    Forward keywords that adapters added (:mod:`fxpeft.inputs`: Poly's ``task_ids``, aLoRA's ``alora_offsets``)
+    default to ``None`` here when ``kwargs`` leaves them out; the loaded program takes them as keywords too
+    (``module(**inputs, alora_offsets=None)``), as ``torch.export`` fixes its calling convention.
 
     Example:
         >>> import torch, fxpeft, tempfile, os
@@ -391,6 +394,9 @@ def export(gm: nn.Module, path: str | os.PathLike, args: tuple = (), kwargs: dic
         torch.Size([7, 2])
     """
     kwargs = dict(kwargs or {})
+    if isinstance(getattr(gm, "meta", {}).get(INFO_KEY), GraphInfo):
+        for name in graph_info(gm).inputs:  # keywords fxpeft added default to None in the graph's forward
+            kwargs.setdefault(name, None)
     was_training = gm.training
     gm.eval()
     try:
