@@ -186,9 +186,9 @@ def transaction(gm: fx.GraphModule) -> Iterator[Transaction]:
     if outer is not None:  # nested (a pass inside a pipeline): the outermost transaction restores everything
         yield outer
         return
-    # A pass allocates thousands of small objects (nodes, tags, modules); each few hundred trigger a cyclic-GC
-    # collection that walks the whole heap (the model's graph with it): most of a big rewrite's time. The pass
-    # creates no garbage cycles worth collecting mid-way, so collection waits until it ends.
+    # A pass allocates thousands of small objects (nodes, tags, modules), so the cyclic GC runs many times during it,
+    # and its older generations walk the whole heap (the model's graph with it): a large share of a big rewrite's
+    # time. A pass leaves no garbage cycles worth collecting mid-way, so collection waits until it ends.
     paused = gc.isenabled()
     gc.disable()
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -113,7 +114,7 @@ def test_the_call_reads_the_rotated_weight_and_a_peft_config_object_works():
     assert "q_proj_rotation_blocks = torch.ops.aten.linalg_solve.default(" in code
     assert "q_proj_adapted_weight = torch.ops.aten.where.self(model_layers_0_self_attn_q_proj_gate, " \
            "model_layers_0_self_attn_q_proj_scaled_rotated_weight, model_layers_0_self_attn_q_proj_weight)" in code
-    assert "linear.default(mul_4, model_layers_0_self_attn_q_proj_adapted_weight)" in code  # one matmul
+    assert re.search(r"linear\.default\(\w+, model_layers_0_self_attn_q_proj_adapted_weight\)", code)  # one matmul
     assert "permute_0" not in code  # one butterfly factor: no permutations
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -91,7 +92,7 @@ def test_the_call_reads_the_sparse_update_zero_init_and_a_peft_config_object_wor
     assert fxpeft.get_nb_trainable_parameters(gm)[0] == peft_counts(model, cfg)[0]
     code = gm.code
     assert "q_proj_adapted_weight = torch.ops.aten.index_put.default(model_layers_0_self_attn_q_proj_weight" in code
-    assert "linear.default(mul_4, model_layers_0_self_attn_q_proj_adapted_weight)" in code
+    assert re.search(r"linear\.default\(\w+, model_layers_0_self_attn_q_proj_adapted_weight\)", code)
 
 
 @pytest.mark.filterwarnings("ignore")
