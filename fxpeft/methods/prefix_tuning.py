@@ -58,7 +58,7 @@ from fxpeft.tags import Role, get_tag
 from fxpeft.passes.attention import _ancestors, _same, _sdpa_arguments, _unrepeat
 
 from .lora import adapter_dtype
-from .prompt_tuning import _KEY, PromptSwitch, _graph_input, _is_check
+from .prompt_tuning import _KEY, PromptState, PromptSwitch, _graph_input, _is_check
 from .trainable_tokens import _input_embedding
 
 __all__ = ["PrefixTuningConfig", "PrefixEncoder", "PrefixTuningAdapter", "PrefixTuning"]
@@ -293,7 +293,7 @@ def _positive(name: str, v: Any, optional: bool = True) -> None:
 
 
 @PeftRegistry.register("prefix_tuning")
-class PrefixTuning(Method):
+class PrefixTuning(PromptState, Method):
     """PEFT's ``PREFIX_TUNING``: learned keys and values before the real ones at every attention node."""
 
     config_cls = PrefixTuningConfig
@@ -393,23 +393,7 @@ class PrefixTuning(Method):
                          "extra attention positions, not a weight change, so there is nothing to fold. Keep it "
                          "unmerged, or remove it (fxpeft.remove_adapters) for the base model")
 
-    @classmethod
-    def unfold(cls, adapter: PrefixTuningAdapter, site: Site, weight: torch.Tensor, bias: torch.Tensor | None):
-        raise MergeError("prefix tuning adapters are never merged; there is nothing to unmerge")
-
     # ---------------------------------------------------------------------------------- PEFT file format
-    @classmethod
-    def site_shapes(cls, config: PrefixTuningConfig, site: Site) -> dict[str, tuple[int, ...]]:
-        return {}
-
-    @classmethod
-    def site_tensors(cls, adapter: PrefixTuningAdapter, site: Site) -> dict[str, torch.Tensor]:
-        return {}
-
-    @classmethod
-    def load_site_tensors(cls, adapter: PrefixTuningAdapter, site: Site, tensors: dict[str, torch.Tensor]) -> None:
-        pass  # the prefix is the shared state's
-
     @classmethod
     def shared_shapes(cls, config: PrefixTuningConfig, sites: list[Site]) -> dict[str, tuple[int, ...]]:
         return {_KEY: (config.num_virtual_tokens, config.num_layers * 2 * config.token_dim)}

@@ -60,7 +60,7 @@ from fxpeft.tags import Role
 from .lora import adapter_dtype
 from .trainable_tokens import _input_embedding
 
-__all__ = ["PromptTuningConfig", "PromptTuningAdapter", "PromptTable", "PromptSwitch", "PromptTuning"]
+__all__ = ["PromptTuningConfig", "PromptTuningAdapter", "PromptTable", "PromptSwitch", "PromptState", "PromptTuning"]
 
 aten = torch.ops.aten
 
@@ -237,8 +237,29 @@ def _sequence_inputs(gm: fx.GraphModule, site: Site) -> tuple[fx.Node, dict[fx.N
     return ids, pads
 
 
+class PromptState:
+    """The parts of the method interface every prompt method shares: the learned state is the graph's shared state
+    (PEFT's ``prompt_embeddings``), the per-site adapter holds no tensor, and nothing is ever merged."""
+
+    @classmethod
+    def unfold(cls, adapter: AdapterModule, site: Site, weight: torch.Tensor, bias: torch.Tensor | None):
+        raise MergeError(f"{cls.display_name} adapters are never merged; there is nothing to unmerge")
+
+    @classmethod
+    def site_shapes(cls, config: PeftConfigBase, site: Site) -> dict[str, tuple[int, ...]]:
+        return {}
+
+    @classmethod
+    def site_tensors(cls, adapter: AdapterModule, site: Site) -> dict[str, torch.Tensor]:
+        return {}
+
+    @classmethod
+    def load_site_tensors(cls, adapter: AdapterModule, site: Site, tensors: dict[str, torch.Tensor]) -> None:
+        pass  # the prompt is the shared state's
+
+
 @PeftRegistry.register("prompt_tuning")
-class PromptTuning(Method):
+class PromptTuning(PromptState, Method):
     """PEFT's ``PROMPT_TUNING``: learned rows before the token embeddings, the sequence inputs lengthened to match."""
 
     config_cls = PromptTuningConfig
@@ -389,23 +410,7 @@ class PromptTuning(Method):
                          "lengthen the input and change no weight, so there is nothing to fold. Keep it unmerged, "
                          "or remove it (fxpeft.remove_adapters) for the base model")
 
-    @classmethod
-    def unfold(cls, adapter: PromptTuningAdapter, site: Site, weight: torch.Tensor, bias: torch.Tensor | None):
-        raise MergeError("prompt tuning adapters are never merged; there is nothing to unmerge")
-
     # ---------------------------------------------------------------------------------- PEFT file format
-    @classmethod
-    def site_shapes(cls, config: PromptTuningConfig, site: Site) -> dict[str, tuple[int, ...]]:
-        return {}
-
-    @classmethod
-    def site_tensors(cls, adapter: PromptTuningAdapter, site: Site) -> dict[str, torch.Tensor]:
-        return {}
-
-    @classmethod
-    def load_site_tensors(cls, adapter: PromptTuningAdapter, site: Site, tensors: dict[str, torch.Tensor]) -> None:
-        pass  # the prompt is the shared state's
-
     @classmethod
     def shared_shapes(cls, config: PromptTuningConfig, sites: list[Site]) -> dict[str, tuple[int, ...]]:
         return {_KEY: (config.num_virtual_tokens, sites[0].weight_shape[1])}
