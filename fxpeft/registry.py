@@ -72,11 +72,15 @@ class AdapterModule(nn.Module):
 
     def __init__(self, site_name: str, adapter_name: str) -> None:
         super().__init__()
-        self.site_name = site_name
-        self.adapter_name = adapter_name
-        self.enabled = True   # chosen by the user: set_adapter / disable_adapters
-        self.merged = False   # folded into the base weight (merge_adapter): the graph must not add it again
-        self.order = 0        # when its adapter joined the graph (set on insertion): names list in that order
+        # plain attributes straight into __dict__: nn.Module.__setattr__'s checks cost more than the module's
+        # other set-up, once per site of a rewrite (none of these names is a parameter, buffer or submodule)
+        self.__dict__.update(
+            site_name=site_name,
+            adapter_name=adapter_name,
+            enabled=True,   # chosen by the user: set_adapter / disable_adapters
+            merged=False,   # folded into the base weight (merge_adapter): the graph must not add it again
+            order=0,        # when its adapter joined the graph (set on insertion): names list in that order
+        )
         self.register_buffer("gate", torch.ones((), dtype=torch.bool), persistent=False)
 
     #: names of this module's parameters that stay frozen while the adapter trains (MiCA's fixed ``B``)
@@ -136,6 +140,26 @@ def fx_callable(op: torch._ops.OpOverload):
 _STACKS: dict[tuple, tuple[tuple, torch.Tensor]] = {}
 
 
+def new_node(graph: fx.Graph, op: str, target, args: tuple, kwargs: dict, name: str) -> fx.Node:
+    """``graph.create_node(op, target, args, kwargs, name=name)`` at the insert point, cheaper per node.
+
+    ``create_node`` walks the arguments with pytree to warn about raw SymInts (which fxpeft never passes), a third
+    of its cost on a rewrite's thousands of nodes; created bare and given its arguments through the public setters,
+    a node skips that walk and is otherwise the same. Where the owning module has node-creation hooks they see
+    the node whole, so those graphs take ``create_node`` itself.
+    """
+    owner = graph.owning_module
+    if (not args and not kwargs) or (owner is not None and getattr(owner, "_create_node_hooks", None)):
+        return graph.create_node(op, target, args, kwargs, name=name)
+    node = graph.create_node(op, target, (), {}, name=name)
+    # the properties' own setters (users updated): Node.__setattr__ would also re-file the node in the graph's
+    # (op, target) look-up table, which arguments do not change
+    fx.Node.args.fset(node, args)
+    if kwargs:
+        fx.Node.kwargs.fset(node, kwargs)
+    return node
+
+
 def stack_slots(rank: int, dim: int, *slots: torch.Tensor | None) -> torch.Tensor:
     """``stack`` of per-adapter tensors, each zero-padded to ``rank`` along ``dim`` (None: all zeros).
 
@@ -191,15 +215,22 @@ class Emit:
         self.batch_source: fx.Node | None = None
         #: ``id(adapter module) -> its path`` (mixed-batch graphs only, for :meth:`param_of`)
         self.paths: dict[int, str] = {}
+        self._stem = tag.site.replace(".", "_").replace(":", "_")
+        # one copy of the call's module stack, shared by every node this Emit makes (read-only metadata)
+        stack = call.node.meta.get("nn_module_stack")
+        self._stack = dict(stack) if stack is not None else None
+        self._tags: dict[tuple[Role, int | None], AdapterTag] = {}
 
     def _node(self, op: str, target, args, kwargs, role: Role, replaces: int | None = None,
               label: str | None = None) -> fx.Node:
         # Names like ``q_proj_down`` make gm.code read as the adapter it is.
-        stem = self.tag.site.replace(".", "_").replace(":", "_")
-        node = self.graph.create_node(op, target, tuple(args), dict(kwargs), name=f"{stem}_{label or role.value}")
-        set_tag(node, self.tag.with_role(role, replaces=replaces))
-        if "nn_module_stack" in self.call.node.meta:
-            node.meta["nn_module_stack"] = dict(self.call.node.meta["nn_module_stack"])
+        node = new_node(self.graph, op, target, tuple(args), dict(kwargs), f"{self._stem}_{label or role.value}")
+        tag = self._tags.get((role, replaces))
+        if tag is None:  # tags are frozen: one per role, not per node
+            tag = self._tags[(role, replaces)] = self.tag.with_role(role, replaces=replaces)
+        set_tag(node, tag)
+        if self._stack is not None:
+            node.meta["nn_module_stack"] = self._stack
         return node
 
     def op(self, aten_op: torch._ops.OpOverload, *args, role: Role = Role.COMPUTE, replaces: int | None = None,

@@ -34,7 +34,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from fxpeft.registry import fx_callable
+from fxpeft.registry import fx_callable, new_node
 from fxpeft.tags import AdapterTag, Role, get_tag, graph_info, set_tag
 
 from .transaction import lint, transaction
@@ -125,17 +125,18 @@ class _Builder:
 
     def __init__(self, gm: fx.GraphModule, lead: AdapterTag, fused: tuple[str, ...], stack_from: fx.Node):
         self.graph, self.export = gm.graph, graph_info(gm).dialect == "export"
-        self.lead, self.fused, self.stack = lead, fused, stack_from.meta.get("nn_module_stack")
+        stack = stack_from.meta.get("nn_module_stack")
+        self.lead, self.fused, self.stack = lead, fused, dict(stack) if stack is not None else None
 
     def node(self, op: str, target, args, role: Role, own: AdapterTag | None = None, **kwargs) -> fx.Node:
         if op == "call_function" and isinstance(target, torch._ops.OpOverload) and not self.export:
             target = fx_callable(target)
         tag = own.with_role(role) if own is not None else self.lead.with_role(role, fused=self.fused)
         stem = tag.site.replace(".", "_").replace(":", "_")
-        node = self.graph.create_node(op, target, tuple(args), kwargs,
-                                      name=f"{stem}_{role.value}" if own else f"{stem}_fused_{role.value}")
-        if self.stack is not None:
-            node.meta["nn_module_stack"] = dict(self.stack)
+        node = new_node(self.graph, op, target, tuple(args), kwargs,
+                        f"{stem}_{role.value}" if own else f"{stem}_fused_{role.value}")
+        if self.stack is not None:  # one copy per fused group, shared by its nodes (read-only metadata)
+            node.meta["nn_module_stack"] = self.stack
         return set_tag(node, tag)
 
 

@@ -67,35 +67,59 @@ def freeze_base(gm: torch.nn.Module) -> None:
         state = gm._modules.get(Method.shared_path(method, name))  # a top-level submodule
         if state is not None:
             shared.update(id(p) for p in state.parameters())
-    trainable = {id(p) for m in adapters if m.enabled for p in m.trainable_parameters()}
+    trainable, adapter_ids = set(), set(shared)
+    for m in adapters:  # one walk of each adapter's parameters gives both sets
+        if type(m).trainable_parameters is not AdapterModule.trainable_parameters:  # a method's own rule
+            adapter_ids.update(id(p) for p in m.parameters())
+            trainable.update(id(p) for p in m.trainable_parameters() if m.enabled)
+            continue
+        for n, p in m.named_parameters():
+            adapter_ids.add(id(p))
+            if m.enabled and n not in m.frozen_params:
+                trainable.add(id(p))
+    params = list(gm.named_parameters())  # one walk of the whole tree
     info = graph_info(gm)
     if info.frozen is None:
-        adapter_ids = {id(p) for m in adapters for p in m.parameters()} | shared  # once, not per parameter
-        info.frozen = {n: p.requires_grad for n, p in gm.named_parameters() if id(p) not in adapter_ids}
+        info.frozen = {n: p.requires_grad for n, p in params if id(p) not in adapter_ids}
         set_graph_info(gm, info)
-    for p in gm.parameters():
+    for _, p in params:
         if id(p) not in shared:  # shared state keeps the flags its method gave it (VeRA's frozen matrices)
             flag = id(p) in trainable
             if p.requires_grad != flag:
                 p.requires_grad_(flag)
 
 
-def _adapter_path(gm: fx.GraphModule, site: Site, method: str, adapter_name: str) -> str:
-    """Adapters hang off the owning module: ``<site>.lora_default``; for a bare parameter ``<parent>.<param>_lora_default``."""
+def _adapter_path(mods: dict[str, torch.nn.Module], site: Site, method: str, adapter_name: str) -> str:
+    """Adapters hang off the owning module: ``<site>.lora_default``; for a bare parameter ``<parent>.<param>_lora_default``.
+    ``mods``: the graph module's submodules by path (one walk for all sites)."""
     leaf = f"{method}_{adapter_name}".replace(".", "_")
-    try:
-        gm.get_submodule(site.name)
+    if site.name in mods:
         return f"{site.name}.{leaf}"
-    except AttributeError:
-        parent, _, attr = site.name.rpartition(".")
-        return f"{parent}.{attr}_{leaf}" if parent else f"{attr}_{leaf}"
+    parent, _, attr = site.name.rpartition(".")
+    return f"{parent}.{attr}_{leaf}" if parent else f"{attr}_{leaf}"
+
+
+def _site_weights(gm: fx.GraphModule, chosen: list[Site], mods: dict[str, torch.nn.Module] | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """Each chosen site's base weight by path, each owner resolved from ``mods`` (one module walk) rather than
+    from the root per site."""
+    if mods is None:
+        return {s.weight: gm.get_parameter(s.weight) for s in chosen}
+    found = {}
+    for s in chosen:
+        parent, _, attr = s.weight.rpartition(".")
+        owner = mods.get(parent)
+        p = owner._parameters.get(attr) if owner is not None else None
+        found[s.weight] = p if p is not None else gm.get_parameter(s.weight)  # the typed look-up's error, if any
+    return found
 
 
 def _check_free(gm: fx.GraphModule, method: type[Method], name: str, chosen: list[Site],
-                paths: dict[str, str]) -> None:
-    """Refuse a second adapter of one name at a site, mixed methods at one site, and taken attribute names."""
+                paths: dict[str, str], mods: dict[str, torch.nn.Module], present: list[AdapterModule]) -> None:
+    """Refuse a second adapter of one name at a site, mixed methods at one site, and taken attribute names.
+    ``mods``/``present``: the submodules by path and the adapters among them (one walk)."""
     existing = {}
-    for m in adapter_modules(gm).values():
+    for m in present:
         existing.setdefault(m.site_name, []).append(m)
     for s in chosen:
         for m in existing.get(s.name, ()):
@@ -110,19 +134,23 @@ def _check_free(gm: fx.GraphModule, method: type[Method], name: str, chosen: lis
                     f"site {s.name!r} already holds a {m.method} adapter; mixing {m.method} and {method.name} on one "
                     "site is not supported (their composition order would be ambiguous)")
         parent, _, leaf = paths[s.name].rpartition(".")
-        owner = gm.get_submodule(parent) if parent else gm
+        owner = mods.get(parent) if parent else gm
+        if owner is None:
+            owner = gm.get_submodule(parent)
         if hasattr(owner, leaf):
             raise AdapterExistsError(f"attribute {paths[s.name]!r} already exists; pick another adapter_name")
 
 
-def build_adapters(gm: fx.GraphModule, method: type[Method], config: Any, name: str, chosen: list[Site]
+def build_adapters(gm: fx.GraphModule, method: type[Method], config: Any, name: str, chosen: list[Site],
+                   weights: dict[str, torch.Tensor] | None = None
                    ) -> tuple[dict[str, AdapterModule], torch.nn.Module | None, dict[str, torch.Tensor]]:
     """Build one adapter's modules (per site, then the state its sites share) and the base updates its init asks
     for (PiSSA's residual); nothing is attached. The one place adapters are initialised: the inject pass and
     :func:`fxpeft.load_weights` (replaying a rewrite done on meta weights) both call it, so the random draws come
     in the same order and a replay under the same RNG state gives the same values."""
-    adapters = {s.name: method.build(s, config, name, gm.get_parameter(s.weight)) for s in chosen}
-    first = gm.get_parameter(chosen[0].weight)
+    weights = weights if weights is not None else _site_weights(gm, chosen)  # ``weights``: the sites' base weights
+    adapters = {s.name: method.build(s, config, name, weights[s.weight]) for s in chosen}
+    first = weights[chosen[0].weight]
     shared = method.shared_state(config, chosen, name, first.dtype, first.device)
     # inits that leave the base a residual (PiSSA): computed in build, written inside the transaction
     updates = {s.weight: u for s in chosen if (u := method.base_update(adapters[s.name], s)) is not None}
@@ -133,10 +161,10 @@ def _rng_bytes() -> bytes:
     return torch.random.get_rng_state().numpy().tobytes()
 
 
-def _pending_build(gm: fx.GraphModule, method: type[Method], config: Any, name: str, chosen: list[Site],
-                   paths: dict[str, str]) -> PendingBuild | None:
+def _pending_build(method: type[Method], config: Any, name: str, chosen: list[Site],
+                   paths: dict[str, str], weights: dict[str, torch.Tensor]) -> PendingBuild | None:
     """The record of a build on meta base weights (None on real ones): load_weights replays it once they load."""
-    meta = [s.name for s in chosen if gm.get_parameter(s.weight).is_meta]
+    meta = [s.name for s in chosen if weights[s.weight].is_meta]
     if not meta:
         return None
     if len(meta) != len(chosen):
@@ -185,14 +213,17 @@ class InjectAdapter:
             lines = "; ".join(f"{n}: {w}" for n, w in bad[:5])
             raise UnsupportedSiteError(f"{len(bad)} targeted site(s) cannot take {method.display_name}: {lines}. "
                                        "Narrow target_modules or add these to exclude_modules.")
-        paths = {s.name: _adapter_path(gm, s, method.name, name) for s in chosen}
-        _check_free(gm, method, name, chosen, paths)
+        mods = dict(gm.named_modules(remove_duplicate=False))  # the one walk of the module tree before the mutation
+        present = list({id(m): m for m in mods.values() if isinstance(m, AdapterModule)}.values())
+        paths = {s.name: _adapter_path(mods, s, method.name, name) for s in chosen}
+        _check_free(gm, method, name, chosen, paths, mods, present)
         method.check_selection(config, chosen)
         # modules_to_save / trained biases: per-adapter copies of base tensors (fxpeft.copies), checked here too
         copies = build_copies(plan_copies(gm, config, name, chosen), name)
-        pending = _pending_build(gm, method, config, name, chosen, paths)
+        weights = _site_weights(gm, chosen, mods)
+        pending = _pending_build(method, config, name, chosen, paths, weights)
         try:
-            adapters, shared, updates = build_adapters(gm, method, config, name, chosen)
+            adapters, shared, updates = build_adapters(gm, method, config, name, chosen, weights)
         except NotImplementedError as e:  # an init that reads the weight's values (a check): meta has none
             if pending is None:
                 raise
@@ -201,7 +232,6 @@ class InjectAdapter:
                                "directory), config)") from None
         if pending is not None:
             pending = replace(pending, rng_after=_rng_bytes())
-        present = list(adapter_modules(gm).values())  # one walk of the module tree
         order = {m.adapter_name: getattr(m, "order", 0) for m in present}
         for m in [*adapters.values(), *copies.values()]:  # PEFT lists adapters in the order they were added
             m.order = order.get(name, max(order.values(), default=0) + 1)

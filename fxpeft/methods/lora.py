@@ -311,10 +311,11 @@ class LoraAdapter(AdapterModule):
                  dropout: float, dtype: torch.dtype, device: torch.device, use_dora: bool = False,
                  balanced: bool = False) -> None:
         super().__init__(site.name, adapter_name)
-        self.kind = site.kind
-        self.balanced = balanced and site.kind == "conv"  # ALF: A [r, in·K'], B [out·k0, r]
-        self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
-        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        # plain attributes straight into __dict__ (see AdapterModule.__init__): one module per site of a rewrite
+        self.__dict__.update(kind=site.kind,
+                             balanced=balanced and site.kind == "conv",  # ALF: A [r, in·K'], B [out·k0, r]
+                             r=r, lora_alpha=lora_alpha, use_rslora=use_rslora,
+                             scaling=lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r, use_dora=use_dora)
         kw = dict(dtype=dtype, device=device)
         if self.balanced:
             a_shape, b_shape = _balanced_shapes(site, r)
@@ -332,7 +333,6 @@ class LoraAdapter(AdapterModule):
         self.register_buffer("mixed_scale", torch.tensor(self.scaling, **kw), persistent=False)
         if dropout > 0 and site.kind != "embedding":
             self.dropout = LoraDropout(dropout)
-        self.use_dora = use_dora
         if use_dora:
             self.magnitude = nn.Parameter(torch.empty(_magnitude_shape(site), **kw))
             # the norm a fold divided by, for the unfold (a merged weight keeps no trace of it; PEFT caches it too)
