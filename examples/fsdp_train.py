@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("losses:", " ".join(f"{v:.6f}" for v in losses))
     finally:
         if distributed:
+            dist.barrier()  # no rank tears gloo down while its peer still has traffic in flight
             dist.destroy_process_group()
     return 0
 

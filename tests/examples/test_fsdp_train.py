@@ -69,6 +69,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                          for p in layer.parameters()})
         torch.save({"losses": losses, "stray": stray, "sharded": sharded, "bf16_losses": bf16_losses,
                     "dtypes": dtypes, "refusals": _refusals(flat)}, f"{out}.{rank}")
+        dist.barrier()  # no rank tears gloo down while its peer still has traffic in flight (a SIGABRT otherwise)
     finally:
         dist.destroy_process_group()
 

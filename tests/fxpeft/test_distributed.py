@@ -230,6 +230,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             logits = other(**kw).logits
         loaded = {k: v.full_tensor() for k, v in fxpeft.adapter_state_dict(other).items()}
         torch.save({"sharded": sharded, "loaded": loaded, "logits": logits}, f"{out}/rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while its peer still has traffic in flight (a SIGABRT otherwise)
     finally:
         dist.destroy_process_group()
 
