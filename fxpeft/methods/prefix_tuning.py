@@ -59,7 +59,6 @@ from fxpeft.passes.attention import _ancestors, _same, _sdpa_arguments, _unrepea
 
 from .lora import adapter_dtype
 from .prompt_tuning import _KEY, PromptState, PromptSwitch, _graph_input, _is_check
-from .trainable_tokens import _input_embedding
 
 __all__ = ["PrefixTuningConfig", "PrefixEncoder", "PrefixTuningAdapter", "PrefixTuning"]
 
@@ -329,18 +328,7 @@ class PrefixTuning(PromptState, Method):
     @classmethod
     def select_sites(cls, gm: fx.GraphModule, config: PrefixTuningConfig, sites: dict[str, Site],
                      select) -> list[Site]:
-        if config.target_modules is None:
-            name = _input_embedding(gm, sites)
-            if name not in sites:
-                raise UnsupportedSiteError("prefix tuning: no embedding node of the input was found (no HF input "
-                                           "embedding, and no single embedding reading a graph input); pass "
-                                           "target_modules=[<the token embedding>]")
-            chosen = [sites[name]]
-        else:
-            chosen = select(config)
-        if len(chosen) != 1:
-            raise UnsupportedSiteError(f"prefix tuning hangs off one input embedding; target_modules selects "
-                                       f"{[s.name for s in chosen][:4]}")
+        chosen = cls.input_embedding_site(gm, config, sites, select)
         layers, _ = _plan(gm, chosen[0])  # refuses a graph prefix tuning cannot extend, before any change
         # the prefix's shape is the graph's: filled in here, on the rewrite's own copy of the config (see
         # fill_defaults), where the graph is at hand; a config (a file's) that sets other values is refused

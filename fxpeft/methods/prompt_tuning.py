@@ -246,6 +246,26 @@ class PromptState:
         raise MergeError(f"{cls.display_name} adapters are never merged; there is nothing to unmerge")
 
     @classmethod
+    def input_embedding_site(cls, gm: fx.GraphModule, config: PeftConfigBase, sites: dict[str, Site],
+                             select) -> list[Site]:
+        """The one input embedding the method goes in at: HF's, or the single embedding reading a graph input,
+        unless ``target_modules`` names one."""
+        what = cls.display_name.lower()
+        if config.target_modules is None:
+            name = _input_embedding(gm, sites)
+            if name not in sites:
+                raise UnsupportedSiteError(f"{what}: no embedding node of the input was found (no HF input embedding, "
+                                           "and no single embedding reading a graph input); pass "
+                                           "target_modules=[<the token embedding>]")
+            chosen = [sites[name]]
+        else:
+            chosen = select(config)
+        if len(chosen) != 1:
+            raise UnsupportedSiteError(f"{what} goes in at one input embedding; target_modules selects "
+                                       f"{[s.name for s in chosen][:4]}")
+        return chosen
+
+    @classmethod
     def site_shapes(cls, config: PeftConfigBase, site: Site) -> dict[str, tuple[int, ...]]:
         return {}
 
@@ -320,18 +340,7 @@ class PromptTuning(PromptState, Method):
     @classmethod
     def select_sites(cls, gm: fx.GraphModule, config: PromptTuningConfig, sites: dict[str, Site],
                      select) -> list[Site]:
-        if config.target_modules is None:
-            name = _input_embedding(gm, sites)
-            if name not in sites:
-                raise UnsupportedSiteError("prompt tuning: no embedding node of the input was found (no HF input "
-                                           "embedding, and no single embedding reading a graph input); pass "
-                                           "target_modules=[<the token embedding>]")
-            chosen = [sites[name]]
-        else:
-            chosen = select(config)
-        if len(chosen) != 1:
-            raise UnsupportedSiteError(f"prompt tuning goes in at one input embedding; target_modules selects "
-                                       f"{[s.name for s in chosen][:4]}")
+        chosen = cls.input_embedding_site(gm, config, sites, select)
         _sequence_inputs(gm, chosen[0])  # refuses a graph whose sequence length cannot grow, before any change
         return chosen
 
