@@ -353,10 +353,7 @@ class PrefixTuning(PromptState, Method):
 
     @classmethod
     def insert(cls, emit: Emit, site: Site, adapter: PrefixTuningAdapter) -> None:
-        others = [m for m in emit.gm.modules() if isinstance(m, PrefixTuningAdapter) and m is not adapter]
-        if others:  # (the inject transaction puts the graph back)
-            raise UnsupportedSiteError(f"the graph already holds the prefix-tuning adapter {others[0].adapter_name!r}; "
-                                       "fxpeft runs one prefix per graph (remove it first, or trace another copy)")
+        cls.refuse_second(emit, adapter, PrefixTuningAdapter, "prefix")
         layers, edges = _plan(emit.gm, site)
         dtype = layers[0].node.meta["val"].dtype
         last = [n for n in emit.graph.nodes if n.op == "placeholder"][-1]

@@ -245,6 +245,14 @@ class PromptState:
     def unfold(cls, adapter: AdapterModule, site: Site, weight: torch.Tensor, bias: torch.Tensor | None):
         raise MergeError(f"{cls.display_name} adapters are never merged; there is nothing to unmerge")
 
+    @staticmethod
+    def refuse_second(emit: Emit, adapter: AdapterModule, kind: type[AdapterModule], what: str) -> None:
+        """One ``what`` (prompt, prefix) per graph: a second adapter of ``kind`` would lengthen the sequence again."""
+        others = [m for m in emit.gm.modules() if isinstance(m, kind) and m is not adapter]
+        if others:  # (the inject transaction puts the graph back)
+            raise UnsupportedSiteError(f"the graph already holds the {what}-tuning adapter {others[0].adapter_name!r}; "
+                                       f"fxpeft runs one {what} per graph (remove it first, or trace another copy)")
+
     @classmethod
     def input_embedding_site(cls, gm: fx.GraphModule, config: PeftConfigBase, sites: dict[str, Site],
                              select) -> list[Site]:
@@ -374,10 +382,7 @@ class PromptTuning(PromptState, Method):
 
     @classmethod
     def insert(cls, emit: Emit, site: Site, adapter: PromptTuningAdapter) -> None:
-        others = [m for m in emit.gm.modules() if isinstance(m, PromptTuningAdapter) and m is not adapter]
-        if others:  # (the inject transaction puts the graph back)
-            raise UnsupportedSiteError(f"the graph already holds the prompt-tuning adapter {others[0].adapter_name!r}; "
-                                       "fxpeft runs one prompt per graph (remove it first, or trace another copy)")
+        cls.refuse_second(emit, adapter, PromptTuningAdapter, "prompt")
         ids, pads = _sequence_inputs(emit.gm, site)
         table_mod: PromptTable = emit.gm.get_submodule(Method.shared_path(cls.name, adapter.adapter_name))
         weight = emit.gm.get_parameter(site.weight)
