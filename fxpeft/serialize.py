@@ -377,6 +377,10 @@ class FxPeftGraphModule(fx.GraphModule):
         base = next(c for c in type(self).__mro__ if c.__qualname__.split(".")[-1] != "GraphModuleImpl")
         return _rebuild_graph_module, (_FORMAT, base, type(self).__name__, state, graph)
 
+    # One code object serves every fxpeft graph class, so torch.compile must not make it the compiled frame:
+    # its cache is per code object, and the 9th graph compiled in a process would hit the recompile limit
+    # (a hard failure under fullgraph=True). Skipping only this frame lets dynamo compile each graph's own forward.
+    @torch.compiler.disable(recursive=False)
     def __call__(self, *args, adapter_names=None, **kwargs):
         # PEFT's mixed batch: one adapter name per row, served by the graph's mixed-batch twin (fxpeft.mixed)
         if adapter_names is None:

@@ -295,6 +295,24 @@ def test_deferred_graph_under_torch_compile_has_no_graph_break():
     assert torch.equal(compiled(x), gm(x)) and len(graphs) == 1
 
 
+def test_many_graphs_compile_in_one_process_without_hitting_the_recompile_limit():
+    # every fxpeft graph class shares one __call__; were it the compiled frame, its cache (8 entries by default)
+    # would fill and the 9th fullgraph compile in a process would fail hard (a CI failure, depending on test order)
+    graphs = []
+
+    def counter(g, example_inputs):
+        graphs.append(g)
+        return g
+
+    limit = torch._dynamo.config.recompile_limit
+    for i in range(limit + 2):
+        gm = fxpeft.rewrite(fxpeft.trace(nn.Sequential(nn.Linear(8, 4 + i), nn.ReLU())),
+                            fxpeft.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+        x = torch.randn(3, 8)
+        assert torch.equal(torch.compile(gm, backend=counter, fullgraph=True)(x), gm(x))
+    assert len(graphs) == limit + 2  # one graph each, no recompiles
+
+
 def test_failed_rewrite_on_a_deferred_graph_keeps_it_deferred_and_unchanged():
     from fxpeft.serialize import codegen_deferred
 
