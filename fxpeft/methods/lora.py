@@ -197,8 +197,27 @@ class LoraDropout(nn.Dropout):
             return super().forward(x)
         n = x.numel()
         bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, None).view(torch.int16)[:n]
-        scale = torch.full((), 65536 / keep, dtype=x.dtype)
-        return x * torch.where(bits.view(x.shape) < keep - 32768, scale, torch.zeros((), dtype=x.dtype))
+        return _KeepMask.apply(x, bits.view(x.shape) < keep - 32768, 65536 / keep)
+
+
+class _KeepMask(torch.autograd.Function):
+    """``x * where(keep, scale, 0)`` that saves the bool ``keep`` (1 byte an element) for backward, where autograd's
+    ``mul`` would save the float mask (4 bytes, as ``nn.Dropout`` does on the CPU): same values, same gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return x * _mask(keep, scale, x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return grad * _mask(keep, ctx.scale, grad.dtype), None, None
+
+
+def _mask(keep: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    return torch.where(keep, torch.full((), scale, dtype=dtype), torch.zeros((), dtype=dtype))
 
 
 def adapter_dtype(weight: torch.Tensor, keep_base_dtype: bool) -> torch.dtype:

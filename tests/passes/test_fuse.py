@@ -269,6 +269,19 @@ def test_lora_dropout():
     assert isinstance(d, nn.Dropout) and d.p == 0.1
 
 
+def test_lora_dropout_saves_a_bool_mask_for_backward():
+    d, x = LoraDropout(0.25).train(), torch.randn(4, 1000, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        torch.manual_seed(5)
+        y = d(x)
+    assert [t.dtype for t in saved] == [torch.bool] and saved[0].shape == x.shape  # 1 byte an element, not 4
+    g = torch.randn_like(y)
+    (grad,) = torch.autograd.grad(y, x, g)
+    mask = torch.where(saved[0], 1 / (1 - 16384 / 65536), 0.0)
+    assert torch.equal(y, x * mask) and torch.equal(grad, g * mask)  # the values autograd's own mul gives
+
+
 def test_rewrite_fuses_by_default_and_switch(llama_graph):
     base, _ = llama_graph
     cfg = fxpeft.LoraConfig(r=2, target_modules=ALL7)

@@ -133,3 +133,15 @@ def test_alora_measure_times_adapters_that_compute_what_peft_computes(bench):
     (row,) = b.results
     assert (row["measure"], row["pairs"]) == ("alora", 1) and set(row["ms"]) == {"fxpeft", "peft"}
     assert row["rel_err_vs_peft"] < 1e-5 < row["rel_base_vs_peft"]  # the same outputs, not the base model's
+
+
+def test_tensor_peak_bytes_counts_tensors_live_at_once(bench):
+    def step():
+        a = torch.ones(262144)  # 1 MiB
+        b = a * 2  # 2 MiB live here
+        del a
+        c = b + 1  # 2 MiB again (a freed first), never 3
+        return c.sum()
+
+    peak = bench.tensor_peak_bytes(step)
+    assert 2 * 2**20 <= peak < 2 * 2**20 + 4096
