@@ -81,7 +81,8 @@ class AdapterModule(nn.Module):
             merged=False,   # folded into the base weight (merge_adapter): the graph must not add it again
             order=0,        # when its adapter joined the graph (set on insertion): names list in that order
         )
-        self.register_buffer("gate", torch.ones((), dtype=torch.bool), persistent=False)
+        self._buffers["gate"] = torch.ones((), dtype=torch.bool)  # register_buffer's name checks: see above
+        self._non_persistent_buffers_set.add("gate")
 
     #: names of this module's parameters that stay frozen while the adapter trains (MiCA's fixed ``B``)
     frozen_params: frozenset[str] = frozenset()

@@ -319,6 +319,16 @@ class DoraBase(nn.Module):
         return F.linear(x, weight.t() if self.fan_in_fan_out else weight)
 
 
+_GAIN = math.sqrt(2.0 / (1 + math.sqrt(5) ** 2))  # calculate_gain("leaky_relu", math.sqrt(5)), as nn.Linear uses
+
+
+def _kaiming_uniform(t: torch.Tensor) -> None:
+    """``nn.init.kaiming_uniform_(t, a=math.sqrt(5))`` with the same bound and the same draw (bit-identical), less
+    its per-call argument handling: a rewrite initialises one ``A`` per site."""
+    fan_in = t.shape[1] * math.prod(t.shape[2:])
+    t.uniform_(-math.sqrt(3.0) * (_GAIN / math.sqrt(fan_in)), math.sqrt(3.0) * (_GAIN / math.sqrt(fan_in)))
+
+
 class LoraAdapter(AdapterModule):
     """The parameters of one LoRA adapter at one site: ``A``, ``B``, an optional ``dropout``, and the
     run-time ``scale`` buffer (``scaling`` while on, 0 while off). With DoRA also the trained ``magnitude``
@@ -338,18 +348,17 @@ class LoraAdapter(AdapterModule):
         kw = dict(dtype=dtype, device=device)
         if self.balanced:
             a_shape, b_shape = _balanced_shapes(site, r)
-            self.A = nn.Parameter(torch.empty(a_shape, **kw))
-            self.B = nn.Parameter(torch.empty(b_shape, **kw))
         elif site.kind == "conv":
-            ones = (1,) * len(site.kernel_size)
-            self.A = nn.Parameter(torch.empty(r, site.in_features, *site.kernel_size, **kw))
-            self.B = nn.Parameter(torch.empty(site.out_features, r, *ones, **kw))
+            a_shape = (r, site.in_features, *site.kernel_size)
+            b_shape = (site.out_features, r, *(1,) * len(site.kernel_size))
         else:  # linear: in/out features; embedding: num_embeddings/embedding_dim
-            self.A = nn.Parameter(torch.empty(r, site.in_features, **kw))
-            self.B = nn.Parameter(torch.empty(site.out_features, r, **kw))
-        self.register_buffer("scale", torch.tensor(self.scaling, **kw), persistent=False)
-        # a mixed batch serves any adapter, on or off: it reads the scaling itself
-        self.register_buffer("mixed_scale", torch.tensor(self.scaling, **kw), persistent=False)
+            a_shape, b_shape = (r, site.in_features), (site.out_features, r)
+        # straight into the tables, as AdapterModule does: register_parameter/register_buffer check names that are
+        # known good here, and cost more than the tensors themselves (once per site of a rewrite)
+        self._parameters.update(A=nn.Parameter(torch.empty(a_shape, **kw)), B=nn.Parameter(torch.empty(b_shape, **kw)))
+        # ``scale``: the run-time scaling (0 while off); ``mixed_scale``: a mixed batch serves any adapter, on or off
+        self._buffers.update(scale=torch.full((), self.scaling, **kw), mixed_scale=torch.full((), self.scaling, **kw))
+        self._non_persistent_buffers_set.update(("scale", "mixed_scale"))
         if dropout > 0 and site.kind != "embedding":
             self.dropout = LoraDropout(dropout)
         if use_dora:
@@ -376,11 +385,11 @@ class LoraAdapter(AdapterModule):
             if init == "gaussian":
                 nn.init.normal_(self.A, std=1 / self.r)
             else:
-                nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+                _kaiming_uniform(self.A)
             if init is False:
-                nn.init.kaiming_uniform_(self.B, a=math.sqrt(5))
+                _kaiming_uniform(self.B)
             else:
-                nn.init.zeros_(self.B)
+                self.B.zero_()
 
     def delta_weight(self, site: Site) -> torch.Tensor:
         """The fp32 update to the base weight, in the weight's own layout."""

@@ -13,6 +13,8 @@ import typing
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from conftest import (
     assert_unchanged,
     out_tensor,
@@ -368,3 +370,18 @@ def test_hotswap_keeps_the_base_so_residual_inits_must_agree(tmp_path):
     same = fxpeft.rewrite(_graph("llama"), LoraConfig(**fields)).eval()  # the same deterministic residual
     fxpeft.hotswap_adapter(same, tmp_path / "p")
     assert rel_err(_run(same, "llama"), _run(gm, "llama")) <= 1e-6
+
+
+@given(st.lists(st.integers(1, 9), min_size=2, max_size=5), st.integers(0, 2**31 - 1))
+@settings(max_examples=40, deadline=None)
+def test_kaiming_init_draws_what_nn_init_draws(shape, seed):
+    import math
+
+    from fxpeft.methods.lora import _kaiming_uniform
+
+    want, got = torch.empty(shape), torch.empty(shape)
+    torch.manual_seed(seed)
+    torch.nn.init.kaiming_uniform_(want, a=math.sqrt(5))
+    torch.manual_seed(seed)
+    _kaiming_uniform(got)
+    assert torch.equal(got, want)
