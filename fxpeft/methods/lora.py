@@ -1438,32 +1438,48 @@ def alora_start(offsets: torch.Tensor | None, start: torch.Tensor, ids: torch.Te
 def alora_mask(input_ids: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
     """Eager reference of the graph's aLoRA mask: ``[B, T, 1]``, True from the start of the last occurrence of
     ``tokens`` in each row to the end, all False in a row without it (or from PEFT's ``offsets``, ``T - start``)."""
+    return alora_on(input_ids, tokens, offsets).unsqueeze(-1)  # [B, T, 1]
+
+
+#: masks of the current call, shared by every aLoRA site: key -> (weak references to ids and offsets, the mask)
+_ALORA_MASKS: dict[tuple, tuple[weakref.ref, weakref.ref | None, torch.Tensor]] = {}
+
+
+def alora_on(input_ids: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
+    """``[B, T]`` bool, True from each row's invocation on: the graph's node at every aLoRA site.
+
+    Every site of a call computes the same mask from the same ``input_ids`` (each holds its own copy of the
+    invocation tokens), so in eager mode the first site's mask is kept and the others read it: keyed by the
+    ``input_ids`` and ``offsets`` tensors themselves (weak references, and their in-place versions) and the tokens'
+    values. Under ``torch.compile`` or export it is the plain computation (traced once per site; Inductor merges them).
+    """
+    plain = (not torch.compiler.is_compiling() and type(input_ids) is torch.Tensor
+             and (offsets is None or type(offsets) is torch.Tensor) and type(tokens) is torch.Tensor)
+    key = None
+    if plain:
+        key = (id(input_ids), input_ids._version, None if offsets is None else (id(offsets), offsets._version),
+               tuple(tokens.tolist()))
+        hit = _ALORA_MASKS.get(key)
+        if hit is not None and hit[0]() is input_ids and (offsets is None or hit[1]() is offsets):
+            return hit[2]
     n = tokens.numel()
     padded = F.pad(input_ids, (0, n - 1), value=-1)  # [B, T + n - 1]: every position starts a window
     match = (padded.unfold(1, n, 1) == tokens).all(-1)  # [B, T]
-    pos = torch.ones_like(input_ids).cumsum(1) - 1  # [B, T]
-    start = alora_start(offsets, torch.where(match, pos, -1).amax(1, keepdim=True), input_ids)  # [B, 1]
-    return ((pos >= start) & (start >= 0)).unsqueeze(-1)  # [B, T, 1]
+    pos = torch.ones_like(input_ids).cumsum(1) - 1  # [B, T]: 0..T-1, without reading T (a dynamic dim)
+    start = alora_start(offsets, torch.where(match, pos, -1).amax(1, keepdim=True), input_ids)  # [B, 1]; -1: none
+    on = (pos >= start) & (start >= 0)
+    if key is not None:
+        if len(_ALORA_MASKS) >= 64:  # a bound: the calls in flight (one entry per call and invocation)
+            _ALORA_MASKS.pop(next(iter(_ALORA_MASKS)))
+        _ALORA_MASKS[key] = (weakref.ref(input_ids), None if offsets is None else weakref.ref(offsets), on)
+    return on
 
 
-def _alora_on(emit: Emit, tokens: fx.Node, n: int) -> fx.Node:
-    """:func:`alora_mask` as nodes, ``[B, T]`` bool, for the invocation ``tokens`` (``n`` of them): the offsets input
-    when the caller passes one, else computed from ``input_ids``."""
-    ids = _alora_ids(emit.gm)
-    padded = emit.op(aten.constant_pad_nd.default, ids, [0, n - 1], -1, label="alora_padded")  # [B, T + n - 1]
-    windows = emit.op(aten.unfold.default, padded, 1, n, 1, label="alora_windows")  # [B, T, n]
-    hits = emit.op(aten.eq.Tensor, windows, tokens, label="alora_hits")
-    match = emit.op(aten.all.dim, hits, -1, label="alora_match")  # [B, T]
-    ones = emit.op(aten.ones_like.default, ids, label="alora_ones")
-    pos = emit.op(aten.sub.Scalar, emit.op(aten.cumsum.default, ones, 1, label="alora_count"), 1,
-                  label="alora_pos")  # [B, T]: 0..T-1, without reading T
-    score = emit.op(aten.where.ScalarOther, match, pos, -1, label="alora_match_pos")
-    start = emit.op(aten.amax.default, score, [1], True, label="alora_found_start")  # [B, 1]; -1: no invocation
+def _alora_on(emit: Emit, tokens: fx.Node) -> fx.Node:
+    """:func:`alora_on` as a node, ``[B, T]`` bool, for the invocation ``tokens``: from the offsets input when the
+    caller passes one, else from ``input_ids``."""
     offsets = emit.input(ALORA_OFFSETS, check_alora_offsets)  # None unless the caller passes PEFT's offsets
-    start = emit.function(alora_start, offsets, start, ids, label="alora_start")
-    after = emit.op(aten.ge.Tensor, pos, start, label="alora_after_start")
-    found = emit.op(aten.ge.Scalar, start, 0, label="alora_found")
-    return emit.op(aten.logical_and.default, after, found, label="alora_on")
+    return emit.function(alora_on, _alora_ids(emit.gm), tokens, offsets, label="alora_on")
 
 
 def _alora_mask_node(emit: Emit, on: fx.Node) -> fx.Node:
@@ -1477,8 +1493,7 @@ def _alora_mask_node(emit: Emit, on: fx.Node) -> fx.Node:
 def _alora_gate(emit: Emit, up: fx.Node) -> fx.Node:
     """``up`` (the scaled down-projection ``[B, T, r]``, or the update ``[B, T, out]``) zeroed before each row's
     invocation."""
-    n = emit.gm.get_buffer(f"{emit.tag.module}.alora_tokens").numel()
-    on = _alora_on(emit, emit.param("alora_tokens", label="alora_tokens"), n)
+    on = _alora_on(emit, emit.param("alora_tokens", label="alora_tokens"))
     return emit.op(aten.where.ScalarOther, _alora_mask_node(emit, on), up, 0.0, role=Role.UP, label="alora_up")
 
 
@@ -1490,7 +1505,7 @@ def _alora_mixed_gate(emit: Emit, slots: list[LoraAdapter | None], delta: fx.Nod
     masks, ones = [], None
     for m in slots:
         if m is not None and hasattr(m, "alora_tokens"):
-            masks.append(_alora_on(emit, emit.param_of(m, "alora_tokens"), m.alora_tokens.numel()))  # [B, T]
+            masks.append(_alora_on(emit, emit.param_of(m, "alora_tokens")))  # [B, T]
             continue
         if ones is None:
             ones = emit.op(aten.ones_like.default, _alora_ids(emit.gm), dtype=torch.bool, label="alora_plain")

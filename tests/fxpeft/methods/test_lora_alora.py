@@ -124,11 +124,12 @@ def test_torch_compile_fullgraph_and_a_pt2_export_compute_the_offsets_in_the_gra
     compiled = torch.compile(gm, backend="eager", fullgraph=True)
     for ids in BATCHES:
         assert rel_err(_logits(compiled, ids), _logits(gm, ids)) <= 1e-6
-    assert any(n.target is torch.ops.aten.unfold.default for n in gm.graph.nodes)  # the offsets are graph ops
     ids = BATCHES[0]
     # the optional alora_offsets input is a keyword of the graph: None among the example inputs (computed in the .pt2)
     example = {"input_ids": ids, "use_cache": False, "alora_offsets": None}
-    torch.export.save(torch.export.export(gm, (), example), tmp_path / "m.pt2")
+    ep = torch.export.export(gm, (), example)
+    assert any(n.target is torch.ops.aten.unfold.default for n in ep.graph.nodes)  # the offsets are the .pt2's ops
+    torch.export.save(ep, tmp_path / "m.pt2")
     loaded = torch.export.load(tmp_path / "m.pt2").module()
     with torch.no_grad():  # a .pt2 finds each batch's offsets too
         got = loaded(input_ids=BATCHES[1], use_cache=False, alora_offsets=None).logits
@@ -263,3 +264,18 @@ def test_hot_swapping_between_alora_and_plain_lora_is_refused(tmp_path):
     with pytest.raises(fxpeft.AdapterFileError, match="alora_invocation_tokens"):
         fxpeft.hotswap_adapter(gm, tmp_path / "plain")
     assert_unchanged(gm, snap)
+
+
+def test_sites_share_one_mask_per_call_and_an_edited_input_gets_a_new_one():
+    from fxpeft.methods.lora import alora_on
+
+    ids, tokens = torch.tensor([[1, 5, 6, 2], [5, 6, 3, 4]]), torch.tensor([5, 6])
+    first = alora_on(ids, tokens, None)
+    assert alora_on(ids, tokens.clone(), None) is first  # another site's copy of the tokens: the same mask
+    assert torch.equal(first, torch.tensor([[False, True, True, True], [True, True, True, True]]))
+    ids[0, 1] = 9  # edited in place: the cached mask is stale
+    assert torch.equal(alora_on(ids, tokens, None), torch.tensor([[False] * 4, [True] * 4]))
+    offsets = torch.tensor([1, 0])  # PEFT's offsets: the last token of row 0, none of row 1
+    assert torch.equal(alora_on(ids, tokens, offsets), torch.tensor([[False, False, False, True], [False] * 4]))
+    assert torch.equal(alora_on(ids.clone(), torch.tensor([3, 4]), None),
+                       torch.tensor([[False] * 4, [False, False, True, True]]))
