@@ -187,8 +187,15 @@ def merge(gm: fx.GraphModule, adapter_names: str | list[str] | None = None) -> f
     if names is None:
         names = tuple(active_adapters(gm))
     fold = tuple(n for n in names if not all(m.merged for m in mods.values() if m.adapter_name == n))
+    every = adapter_modules(gm).values()
+    # unmerged adapters left out go anyway: first, so that none of them reads a weight the folds change (which
+    # MergeAdapters refuses for adapters that stay)
+    others = tuple(sorted({m.adapter_name for m in every if m.adapter_name not in names}
+                          - {m.adapter_name for m in every if m.merged}))
     with transaction(gm):  # merged adapters' folds are in the weights already: their graph part just goes
         if fold:
+            if others:
+                RemoveAdapters(others)(gm)
             MergeAdapters(fold)(gm)
         if not fold or adapter_modules(gm):  # MergeAdapters linted what it left; lint again only for more edits
             RemoveAdapters()(gm)

@@ -19,7 +19,8 @@ from fxpeft.errors import MergeError
 from fxpeft.registry import AdapterModule, PeftRegistry
 from fxpeft.sites import SITE_KINDS, find_sites
 
-from .merge import _fits, _own_readers, _readers_index
+from .inject import adapter_modules
+from .merge import _fits, _own_readers, _readers_index, refuse_foreign_reads
 from .remove import select_adapters
 from .transaction import transaction
 
@@ -63,6 +64,11 @@ class FoldAdapters:
             return PassResult(gm, False)
         sites = find_sites(gm, SITE_KINDS)
         readers = _readers_index(gm)
+        plan: dict[str, list[AdapterModule]] = {}  # a fold or an unfold changes what other sites' readers see
+        for m in todo.values():
+            if not isinstance(m, FullCopy) and m.site_name in sites:
+                plan.setdefault(m.site_name, []).append(m)
+        refuse_foreign_reads(gm, sites, plan, {p for p in adapter_modules(gm) if p not in todo})
         # full copies (modules_to_save, trained biases) set the base values a method's fold then adds to:
         # they go in first, and come out last. Folds need not commute (rotations): adapters come out in the
         # reverse of the order they go in (sorted is stable).

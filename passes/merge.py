@@ -24,8 +24,9 @@ from fxpeft.errors import MergeError
 from fxpeft.registry import AdapterModule, PeftRegistry
 from fxpeft.serialize import defer_codegen
 from fxpeft.sites import SITE_KINDS, Site, _attr, find_sites
-from fxpeft.tags import TAG_KEY, get_tag, graph_info
+from fxpeft.tags import TAG_KEY, Role, get_tag, graph_info
 
+from .inject import adapter_modules
 from .remove import detach_adapters, restore_base_flags, select_adapters
 from .transaction import Transaction, lint, transaction
 
@@ -66,6 +67,30 @@ def _fits(t: torch.Tensor, dtype: torch.dtype) -> bool:
     if not torch.isfinite(t.sum()):
         return False
     return dtype == torch.float32 or not dtype.is_floating_point or t.abs().max() <= torch.finfo(dtype).max
+
+
+def refuse_foreign_reads(gm: fx.GraphModule, sites: dict[str, Site], folding: dict[str, list[AdapterModule]],
+                         staying: set[str]) -> None:
+    """Refuse to fold into a weight that an adapter of *another* site reads as a value and keeps reading (an
+    adapter in ``staying``: one this merge leaves in the graph): the fold would change what that adapter computes,
+    so the merged graph would not give the unmerged outputs. (Adaption prompt runs its prompt through the layer's
+    K/V weights: a LoRA there, once merged, would change the prompt's keys too.)
+
+    Raises:
+        MergeError: naming the weight, the reading adapter and the ways out; nothing is written.
+    """
+    by_weight: dict[int, str] = {id(gm.get_parameter(sites[name].weight)): name for name in folding}
+    for n in gm.graph.nodes:
+        tag = get_tag(n)
+        if n.op != "get_attr" or tag is None or tag.role is not Role.BASE_WEIGHT or tag.module not in staying:
+            continue
+        name = by_weight.get(id(_attr(gm, n.target)))
+        if name is not None and tag.site != name:
+            raise MergeError(f"cannot fold {sorted({m.adapter_name for m in folding[name]})} into {sites[name].weight!r}: "
+                             f"adapter {tag.adapter!r} ({tag.method}) at {tag.site!r} computes with that weight, and "
+                             "the fold would change its outputs, so the merged graph would not compute what the "
+                             "unmerged one does. Keep these adapters unmerged, or remove "
+                             f"{tag.adapter!r} first (fxpeft.delete_adapter); nothing was merged")
 
 
 def _own_readers(site: Site) -> set[fx.Node]:
@@ -133,6 +158,8 @@ class MergeAdapters:
                 raise MergeError(f"adapter {path!r} sits on {m.site_name!r}, which is no longer a call site of this "
                                  "graph; was the graph edited by hand?")
             plan.setdefault(m.site_name, []).append(m)
+        staying = {p for p, m in adapter_modules(gm).items() if p not in mods}
+        refuse_foreign_reads(gm, sites, plan, staying)
         with torch.no_grad(), transaction(gm) as txn:
             write_copies(gm, copies, txn)  # first: a bias a method folds into is the trained copy's
             folded, sums = {}, []

@@ -220,3 +220,31 @@ def test_model_agnostic_on_a_bert_encoder_and_a_file_reloads_bit_exact(tmp_path)
     again = fxpeft.load_adapter(_graph("bert"), tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(out_tensor(again(**kwargs)), got)
+
+
+def test_a_lora_on_the_weights_the_prompt_reads_is_not_merged():
+    # the prompt's K/V go through k_proj/v_proj's weights: folding a LoRA there would change them, so the merged
+    # graph would not compute what the unmerged one does. Refused, the graph unchanged; a LoRA elsewhere merges.
+    gm = fxpeft.rewrite(copy.deepcopy(_padded("llama")[1]), fxpeft.AdaptionPromptConfig(adapter_len=2, adapter_layers=1),
+                        adapter_name="ap")
+    _gates(gm, 0.5)
+    for name, targets in (("kv", ["k_proj", "v_proj"]), ("q", ["q_proj", "gate_proj"])):
+        fxpeft.rewrite(gm, fxpeft.LoraConfig(r=2, target_modules=targets, init_lora_weights=False), adapter_name=name)
+    fxpeft.set_adapter(gm, ["ap", "kv", "q"])  # added adapters start inactive (PEFT's add_adapter)
+    snap = snapshot(gm)
+    for merge in (fxpeft.merge_adapter, fxpeft.passes.MergeAdapters(("kv",))):
+        with pytest.raises(fxpeft.errors.MergeError, match=r"adapter 'ap' \(adaption_prompt\) at .*o_proj"):
+            merge(gm, adapter_names=["kv"]) if merge is fxpeft.merge_adapter else merge(gm)
+        assert_unchanged(gm, snap)
+    batch = _batch()
+    with torch.no_grad():
+        want = _out(gm(**batch))[1]
+        fxpeft.merge_adapter(gm, adapter_names=["q"])
+        assert rel_err(_out(gm(**batch))[1], want) <= 1e-5
+        # merge_and_unload removes the prompt too (as PEFT's does every adapter it does not merge): then k/v fold
+        alone = copy.deepcopy(gm)
+        fxpeft.unmerge_adapter(alone)
+        fxpeft.delete_adapter(alone, "ap")
+        fxpeft.set_adapter(alone, ["kv", "q"])
+        want = _out(alone(**batch))[1]
+        assert rel_err(_out(fxpeft.merge(gm, adapter_names=["kv", "q"])(**batch))[1], want) <= 1e-5
