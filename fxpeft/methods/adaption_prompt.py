@@ -25,9 +25,11 @@ weight only (and warns). On GPT-2 PEFT adds the adapter's part after the attenti
 before it (the same in eval mode).
 
 The prompt goes through the K/V projections' *base* weights (reads of their own, beside the calls): another
-method's adapter at ``k_proj``/``v_proj`` (LoRA) changes the real tokens' keys but not the prompt's, until it is
-merged into the weight. PEFT cannot combine adaption prompt with other methods at all; the output projection
-refuses a second method's adapter as any site does.
+method's adapter at ``k_proj``/``v_proj`` (LoRA) changes the real tokens' keys but not the prompt's. Folding that
+adapter into the weight would change the prompt's keys too, so ``merge_adapter`` (and ``MergeAdapters`` while the
+prompt stays) refuse it with a typed error; ``fxpeft.merge`` removes the prompt first, as merge-and-unload removes
+every adapter it does not merge. PEFT cannot combine adaption prompt with other methods at all; the output
+projection refuses a second method's adapter as any site does.
 
 **Supported graphs**: export graphs (``fxpeft.trace`` with example inputs; dynamic batch and sequence dims) whose
 attention is ``aten.scaled_dot_product_attention`` with explicit or ``is_causal`` masks, grouped K/V expanded or
