@@ -346,6 +346,11 @@ class Bench:
         for m in (gm, gu, pm):
             m.train()
         calls = {"fxpeft": gm, "fxpeft_unfused": gu, "peft": pm}
+        if not compiled:  # the floor: the base graph alone, the embedding trained so the backward runs every layer
+            floor = copy.deepcopy(self.base_gm).train()
+            for n, p in floor.named_parameters():
+                p.requires_grad_("embed" in n)
+            calls["base_graph"] = floor
         if compiled:
             torch._dynamo.reset()
             calls = {k: torch.compile(m) for k, m in calls.items()}
@@ -365,7 +370,11 @@ class Bench:
         times = alternate({k: timed(tr.step) for k, tr in trainers.items()}, self.pairs("compile" if compiled else "train"), 2)
         name = "compile" if compiled else "train"
         label = f"LoRA train step{', torch.compile' if compiled else ''}, lora_dropout={dropout}"
-        self.add(name, str(dropout), label, summarize(times, "fxpeft", "peft"), extra)
+        self.add(name, str(dropout), label, summarize({k: v for k, v in times.items() if k != "base_graph"},
+                                                      "fxpeft", "peft"), extra)
+        if "base_graph" in times:  # what a LoRA costing nothing would give
+            self.add(name, f"{dropout}/floor", f"the same step without adapters (base graph, embedding trained) / "
+                     f"PEFT's LoRA step, lora_dropout={dropout}", summarize(times, "base_graph", "peft"))
 
     def dora(self, dropout: float = 0.0) -> None:
         """One DoRA train step (``use_dora=True``), fxpeft against PEFT, after checking that they compute the same."""
@@ -789,6 +798,8 @@ def markdown(results: list[dict], info: dict) -> str:
         elif r["measure"] == "merged":
             k = "hf_eager" if r["key"] in ("hf", "compiled_hf") else "base_graph"
             a, b, label = f"{_fmt_ms(r['ms']['merged'])} ms", f"{_fmt_ms(r['ms'][k])} ms", r["label"]
+        elif r["key"].endswith("/floor"):
+            a, b, label = f"{_fmt_ms(r['ms']['base_graph'])} ms", f"{_fmt_ms(r['ms']['peft'])} ms", r["label"]
         else:
             a, b, label = f"{_fmt_ms(r['ms']['fxpeft'])} ms", f"{_fmt_ms(r['ms']['peft'])} ms", r["label"]
             if "fxpeft_unfused" in r["ms"]:

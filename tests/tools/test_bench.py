@@ -135,6 +135,18 @@ def test_alora_measure_times_adapters_that_compute_what_peft_computes(bench):
     assert row["rel_err_vs_peft"] < 1e-5 < row["rel_base_vs_peft"]  # the same outputs, not the base model's
 
 
+def test_train_measure_also_times_the_base_graph_alone_as_the_floor(bench):
+    b = bench.Bench(bench.CASES["smoke"], _args())
+    b.train(0.0)
+    rows = {r["key"]: r for r in b.results}
+    assert set(rows) == {"0.0", "0.0/floor"}
+    assert set(rows["0.0"]["ms"]) == {"fxpeft", "fxpeft_unfused", "peft"}
+    floor = rows["0.0/floor"]
+    assert floor["ratio"] == pytest.approx(floor["samples_ms"]["base_graph"][0] / floor["samples_ms"]["peft"][0], rel=1e-2)
+    machine = {**bench.machine(), "loadavg_start": (0.0,), "loadavg_end": (0.0,)}
+    assert "| smoke | the same step without adapters" in bench.markdown(b.results, {"machine": machine})
+
+
 def test_tensor_peak_bytes_counts_tensors_live_at_once(bench):
     def step():
         a = torch.ones(262144)  # 1 MiB
