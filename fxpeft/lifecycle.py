@@ -119,7 +119,7 @@ def disable_adapters(gm: fx.GraphModule) -> Iterator[None]:
     mods = adapter_modules(gm)
     merged = [n for n in adapter_names(gm) if any(m.merged for m in mods.values() if m.adapter_name == n)]
     if merged:
-        FoldAdapters(tuple(merged), undo=True)(gm)
+        _fold(gm, tuple(merged), undo=True)
     saved = {m: m.enabled for m in mods.values()}
     try:
         for m in mods.values():
@@ -129,7 +129,12 @@ def disable_adapters(gm: fx.GraphModule) -> Iterator[None]:
         for m, on in saved.items():
             m.set_active(on)
         if merged:
-            FoldAdapters(tuple(merged))(gm)
+            _fold(gm, tuple(merged))
+
+
+@on_flat_graph  # the sites of an outlined graph are inside its blocks: inlined for the fold
+def _fold(gm: fx.GraphModule, names: tuple[str, ...], undo: bool = False) -> None:
+    FoldAdapters(names, undo=undo)(gm)
 
 
 @on_flat_graph  # an outlined graph (fxpeft.passes.OutlineBlocks) is inlined for the call

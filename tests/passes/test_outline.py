@@ -175,6 +175,9 @@ def test_adapter_files_and_lifecycle_work_on_an_outlined_graph(tmp_path):
     # merge_adapter / unmerge_adapter / merge keep the blocks and the outputs
     fxpeft.merge_adapter(gm)
     assert outlined_blocks(gm) and rel_err(_run(gm, ids), ref) <= 1e-5
+    with fxpeft.disable_adapters(gm):  # merged: taken out of the weights for the block (inlined), put back after
+        assert rel_err(_run(gm, ids), _run(traced_copy("llama"), ids)) <= 1e-5
+    assert outlined_blocks(gm) and rel_err(_run(gm, ids), ref) <= 1e-5
     fxpeft.unmerge_adapter(gm)
     merged = fxpeft.merge(copy.deepcopy(gm))
     assert outlined_blocks(merged) and not fxpeft.adapters(merged) and rel_err(_run(merged, ids), ref) <= 1e-5
