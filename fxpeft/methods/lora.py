@@ -186,14 +186,14 @@ class LoraDropout(nn.Dropout):
     generator, so ``torch.manual_seed`` reproduces it) and keeps an element when they fall below
     ``round((1 - p) * 2**16)``: ``p`` is rounded to a multiple of ``2**-16`` (off by at most ``7.7e-6``), and
     kept elements are scaled by the exact inverse of the keep probability, so the expectation is unchanged.
-    Under ``torch.compile``, on other devices, in eval mode, and for ``p`` that rounds to 0 or 1 it is
-    ``nn.Dropout``.
+    Under ``torch.compile`` and ``torch.func`` transforms (vmap's randomness rules), on other devices, in eval mode,
+    and for ``p`` that rounds to 0 or 1 it is ``nn.Dropout``.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         keep = 65536 - round(self.p * 65536)
         if (not self.training or self.inplace or x.device.type != "cpu" or not 0 < keep < 65536
-                or torch.compiler.is_compiling()):
+                or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()):
             return super().forward(x)
         n = x.numel()
         bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, None).view(torch.int16)[:n]
@@ -206,11 +206,16 @@ class _KeepMask(torch.autograd.Function):
     (a dropped element is 0 even where ``x`` is inf or NaN), and ``where`` then an in-place scale is ~4x cheaper on
     the CPU than building the float mask and multiplying by it; the gradient is the same ``where`` on ``grad``."""
 
+    generate_vmap_rule = True  # with setup_context: torch.func transforms (grad, vmap) work through it
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
+    def forward(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
         return _masked(x, keep, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _, keep, ctx.scale = inputs
+        ctx.save_for_backward(keep)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

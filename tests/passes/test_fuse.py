@@ -282,6 +282,14 @@ def test_lora_dropout_saves_a_bool_mask_for_backward():
     assert torch.equal(y, x * mask) and torch.equal(grad, g * mask)  # the values autograd's own mul gives
 
 
+def test_lora_dropout_under_torch_func_transforms():
+    d, x = LoraDropout(0.5).train(), torch.randn(6, 8)
+    y = torch.func.vmap(d, randomness="different")(x)  # each row its own mask
+    assert y.shape == x.shape and not torch.equal(y[0] == 0, y[1] == 0)
+    g = torch.func.grad(lambda t: d(t).sum())(x)  # nn.Dropout's gradient: 0 or 1 / (1 - p)
+    assert set(g.unique().tolist()) <= {0.0, 2.0}
+
+
 def test_rewrite_fuses_by_default_and_switch(llama_graph):
     base, _ = llama_graph
     cfg = fxpeft.LoraConfig(r=2, target_modules=ALL7)
