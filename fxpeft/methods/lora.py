@@ -1458,8 +1458,10 @@ def alora_on(input_ids: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tenso
     ``input_ids`` and ``offsets`` tensors themselves (weak references, and their in-place versions) and the tokens'
     values. Under ``torch.compile`` or export it is the plain computation (traced once per site; Inductor merges them).
     """
-    plain = (not torch.compiler.is_compiling() and type(input_ids) is torch.Tensor
-             and (offsets is None or type(offsets) is torch.Tensor) and type(tokens) is torch.Tensor)
+    # inference tensors keep no version counter: an in-place edit could not be seen, so they are not cached
+    plain = (not torch.compiler.is_compiling() and type(input_ids) is torch.Tensor and not input_ids.is_inference()
+             and (offsets is None or type(offsets) is torch.Tensor and not offsets.is_inference())
+             and type(tokens) is torch.Tensor)
     key = None
     if plain:
         key = (id(input_ids), input_ids._version, None if offsets is None else (id(offsets), offsets._version),

@@ -279,3 +279,8 @@ def test_sites_share_one_mask_per_call_and_an_edited_input_gets_a_new_one():
     assert torch.equal(alora_on(ids, tokens, offsets), torch.tensor([[False, False, False, True], [False] * 4]))
     assert torch.equal(alora_on(ids.clone(), torch.tensor([3, 4]), None),
                        torch.tensor([[False] * 4, [False, False, True, True]]))
+    with torch.inference_mode():  # inference tensors keep no version counter: computed, not cached
+        ids = torch.tensor([[1, 5, 6, 2]])
+        assert torch.equal(alora_on(ids, tokens, None), torch.tensor([[False, True, True, True]]))
+        ids[0, 1] = 9
+        assert not alora_on(ids, tokens, None).any()
