@@ -129,12 +129,12 @@ def disable_adapters(gm: fx.GraphModule) -> Iterator[None]:
         for m, on in saved.items():
             m.set_active(on)
         if merged:
-            _fold(gm, tuple(merged))
+            _fold(gm, tuple(merged), restore=True)
 
 
 @on_flat_graph  # the sites of an outlined graph are inside its blocks: inlined for the fold
-def _fold(gm: fx.GraphModule, names: tuple[str, ...], undo: bool = False) -> None:
-    FoldAdapters(names, undo=undo)(gm)
+def _fold(gm: fx.GraphModule, names: tuple[str, ...], undo: bool = False, restore: bool = False) -> None:
+    FoldAdapters(names, undo=undo, restore=restore)(gm)
 
 
 @on_flat_graph  # an outlined graph (fxpeft.passes.OutlineBlocks) is inlined for the call

@@ -50,6 +50,7 @@ import torch
 from torch import fx
 
 from .errors import InputShapeError, SerializationError
+from .scope import CallScope
 
 __all__ = ["SerializationError", "FxPeftGraphModule", "make_picklable", "defer_codegen", "codegen_deferred"]
 
@@ -382,12 +383,13 @@ class FxPeftGraphModule(fx.GraphModule):
     # (a hard failure under fullgraph=True). Skipping only this frame lets dynamo compile each graph's own forward.
     @torch.compiler.disable(recursive=False)
     def __call__(self, *args, adapter_names=None, **kwargs):
-        # PEFT's mixed batch: one adapter name per row, served by the graph's mixed-batch twin (fxpeft.mixed)
-        if adapter_names is None:
-            return super().__call__(*args, **kwargs)
-        from .mixed import call_mixed
+        with CallScope():  # what the sites of this call share, and only this call (fxpeft.scope)
+            # PEFT's mixed batch: one adapter name per row, served by the graph's mixed-batch twin (fxpeft.mixed)
+            if adapter_names is None:
+                return super().__call__(*args, **kwargs)
+            from .mixed import call_mixed
 
-        return call_mixed(self, args, kwargs, adapter_names)
+            return call_mixed(self, args, kwargs, adapter_names)
 
     def __deepcopy__(self, memo):
         # torch's deepcopy copies the graph with node.meta (tags intact) and the state through the memo (tied

@@ -35,6 +35,10 @@ class FoldAdapters:
         adapter_names: the adapters to fold (default: every adapter that is on); to unfold, default: every
             merged adapter. Already-folded (or not folded) adapters are skipped with a warning, as in PEFT.
         undo: unfold instead.
+        restore: the fold puts back a state the graph was in (``disable_adapters`` on leaving its block), so the
+            check that no other site's adapter reads the weight (:func:`~fxpeft.passes.merge.refuse_foreign_reads`)
+            is skipped; an unfold never runs it (it gives those readers back the weight they were built on, or the
+            state a fold that passed the check left).
 
     Example:
         >>> import torch, fxpeft
@@ -48,6 +52,7 @@ class FoldAdapters:
 
     adapter_names: tuple[str, ...] | None = None
     undo: bool = False
+    restore: bool = False
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         mods = select_adapters(gm, self.adapter_names)
@@ -64,11 +69,12 @@ class FoldAdapters:
             return PassResult(gm, False)
         sites = find_sites(gm, SITE_KINDS)
         readers = _readers_index(gm)
-        plan: dict[str, list[AdapterModule]] = {}  # a fold or an unfold changes what other sites' readers see
-        for m in todo.values():
-            if not isinstance(m, FullCopy) and m.site_name in sites:
-                plan.setdefault(m.site_name, []).append(m)
-        refuse_foreign_reads(gm, sites, plan, {p for p in adapter_modules(gm) if p not in todo})
+        if not (self.undo or self.restore):  # a fold changes what other sites' readers of the weight see
+            plan: dict[str, list[AdapterModule]] = {}
+            for m in todo.values():
+                if not isinstance(m, FullCopy) and m.site_name in sites:
+                    plan.setdefault(m.site_name, []).append(m)
+            refuse_foreign_reads(gm, sites, plan, {p for p in adapter_modules(gm) if p not in todo})
         # full copies (modules_to_save, trained biases) set the base values a method's fold then adds to:
         # they go in first, and come out last. Folds need not commute (rotations): adapters come out in the
         # reverse of the order they go in (sorted is stable).

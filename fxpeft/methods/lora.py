@@ -98,6 +98,7 @@ from torch import fx, nn
 
 from fxpeft.errors import AdapterFileError, ConfigError, InputShapeError, MergeError, UnsupportedSiteError
 from fxpeft.registry import AdapterModule, Emit, Method, PeftConfigBase, PeftRegistry, config_from_fields, is_unset
+from fxpeft.scope import call_scratch
 from fxpeft.sites import Site
 from fxpeft.tags import Role
 from fxpeft.untrusted import compile_pattern, pattern_key_match
@@ -202,9 +203,10 @@ class LoraDropout(nn.Dropout):
 
 class _KeepMask(torch.autograd.Function):
     """``where(keep, x, 0) * scale``, saving the bool ``keep`` (1 byte an element) for backward where autograd's ``mul``
-    by a float mask would save the mask (4 bytes, as ``nn.Dropout`` does on the CPU). The values are ``x * mask``'s
-    (a dropped element is 0 even where ``x`` is inf or NaN), and ``where`` then an in-place scale is ~4x cheaper on
-    the CPU than building the float mask and multiplying by it; the gradient is the same ``where`` on ``grad``."""
+    by a float mask would save the mask (4 bytes, as ``nn.Dropout`` does on the CPU). Kept elements are ``x * scale``
+    exactly; a dropped element is 0, also where ``x`` is inf or NaN (``nn.Dropout``'s ``x * 0`` gives NaN there).
+    ``where`` then an in-place scale is ~4x cheaper on the CPU than building the float mask and multiplying by it;
+    the gradient (and the forward-mode tangent) is the same ``where`` on ``grad``."""
 
     generate_vmap_rule = True  # with setup_context: torch.func transforms (grad, vmap) work through it
 
@@ -216,6 +218,11 @@ class _KeepMask(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         _, keep, ctx.scale = inputs
         ctx.save_for_backward(keep)
+        ctx.keep = keep  # forward-mode AD's jvp runs before backward and cannot read saved tensors
+
+    @staticmethod
+    def jvp(ctx, x_t: torch.Tensor, keep_t, scale_t) -> torch.Tensor:
+        return _masked(x_t, ctx.keep, ctx.scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -333,6 +340,8 @@ _GAIN = math.sqrt(2.0 / (1 + math.sqrt(5) ** 2))  # calculate_gain("leaky_relu",
 def _kaiming_uniform(t: torch.Tensor) -> None:
     """``nn.init.kaiming_uniform_(t, a=math.sqrt(5))`` with the same bound and the same draw (bit-identical), less
     its per-call argument handling: a rewrite initialises one ``A`` per site."""
+    if t.numel() == 0:  # nn.init leaves an empty tensor as it is (and its fan-in may be 0)
+        return
     fan_in = t.shape[1] * math.prod(t.shape[2:])
     t.uniform_(-math.sqrt(3.0) * (_GAIN / math.sqrt(fan_in)), math.sqrt(3.0) * (_GAIN / math.sqrt(fan_in)))
 
@@ -1446,29 +1455,24 @@ def alora_mask(input_ids: torch.Tensor, tokens: torch.Tensor, offsets: torch.Ten
     return alora_on(input_ids, tokens, offsets).unsqueeze(-1)  # [B, T, 1]
 
 
-#: masks of the current call, shared by every aLoRA site: key -> (weak references to ids and offsets, the mask)
-_ALORA_MASKS: dict[tuple, tuple[weakref.ref, weakref.ref | None, torch.Tensor]] = {}
-
-
 def alora_on(input_ids: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
     """``[B, T]`` bool, True from each row's invocation on: the graph's node at every aLoRA site.
 
     Every site of a call computes the same mask from the same ``input_ids`` (each holds its own copy of the
-    invocation tokens), so in eager mode the first site's mask is kept and the others read it: keyed by the
-    ``input_ids`` and ``offsets`` tensors themselves (weak references, and their in-place versions) and the tokens'
-    values. Under ``torch.compile`` or export it is the plain computation (traced once per site; Inductor merges them).
+    invocation tokens), so in eager mode the first site keeps its mask in the call's scratch
+    (:mod:`fxpeft.scope`: it lives for this call only) and the other sites read it, keyed by the inputs (and their
+    in-place versions) and the tokens' values. Outside a graph call, under ``torch.compile`` or export, it is the
+    plain computation (traced once per site; Inductor merges them).
     """
-    # inference tensors keep no version counter: an in-place edit could not be seen, so they are not cached
-    plain = (not torch.compiler.is_compiling() and type(input_ids) is torch.Tensor and not input_ids.is_inference()
-             and (offsets is None or type(offsets) is torch.Tensor and not offsets.is_inference())
-             and type(tokens) is torch.Tensor)
+    scratch = call_scratch() if not torch.compiler.is_compiling() else None
     key = None
-    if plain:
-        key = (id(input_ids), input_ids._version, None if offsets is None else (id(offsets), offsets._version),
-               tuple(tokens.tolist()))
-        hit = _ALORA_MASKS.get(key)
-        if hit is not None and hit[0]() is input_ids and (offsets is None or hit[1]() is offsets):
-            return hit[2]
+    if (scratch is not None and type(input_ids) is torch.Tensor and not input_ids.is_inference()
+            and (offsets is None or type(offsets) is torch.Tensor and not offsets.is_inference())):
+        key = ("alora_on", id(input_ids), input_ids._version,
+               None if offsets is None else (id(offsets), offsets._version), tuple(tokens.tolist()))
+        hit = scratch.get(key)
+        if hit is not None:
+            return hit
     n = tokens.numel()
     padded = F.pad(input_ids, (0, n - 1), value=-1)  # [B, T + n - 1]: every position starts a window
     match = (padded.unfold(1, n, 1) == tokens).all(-1)  # [B, T]
@@ -1476,9 +1480,7 @@ def alora_on(input_ids: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tenso
     start = alora_start(offsets, torch.where(match, pos, -1).amax(1, keepdim=True), input_ids)  # [B, 1]; -1: none
     on = (pos >= start) & (start >= 0)
     if key is not None:
-        if len(_ALORA_MASKS) >= 64:  # a bound: the calls in flight (one entry per call and invocation)
-            _ALORA_MASKS.pop(next(iter(_ALORA_MASKS)))
-        _ALORA_MASKS[key] = (weakref.ref(input_ids), None if offsets is None else weakref.ref(offsets), on)
+        scratch[key] = on
     return on
 
 

@@ -290,6 +290,16 @@ def test_lora_dropout_under_torch_func_transforms():
     assert set(g.unique().tolist()) <= {0.0, 2.0}
 
 
+def test_lora_dropout_forward_mode_tangent_is_the_masked_tangent():
+    import torch.autograd.forward_ad as fwAD
+
+    d, x, t = LoraDropout(0.3).train(), torch.randn(4, 8), torch.randn(4, 8)
+    with fwAD.dual_level():
+        y, tangent = fwAD.unpack_dual(d(fwAD.make_dual(x, t)))
+    scale = torch.tensor(65536 / (65536 - round(0.3 * 65536)))
+    assert torch.equal(tangent, torch.where(y != 0, t * scale, 0.0))
+
+
 def test_rewrite_fuses_by_default_and_switch(llama_graph):
     base, _ = llama_graph
     cfg = fxpeft.LoraConfig(r=2, target_modules=ALL7)

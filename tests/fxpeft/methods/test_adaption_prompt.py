@@ -248,3 +248,22 @@ def test_a_lora_on_the_weights_the_prompt_reads_is_not_merged():
         fxpeft.set_adapter(alone, ["kv", "q"])
         want = _out(alone(**batch))[1]
         assert rel_err(_out(fxpeft.merge(gm, adapter_names=["kv", "q"])(**batch))[1], want) <= 1e-5
+
+
+def test_a_prompt_added_after_a_merged_lora_unmerges_and_disables():
+    # the prompt was built on the merged weights: unmerging or disabling (and re-folding on exit) is not refused
+    batch = _batch()
+    base = _out(copy.deepcopy(_padded("llama")[1])(**batch))[1]
+    gm = fxpeft.rewrite(copy.deepcopy(_padded("llama")[1]),
+                        fxpeft.LoraConfig(r=2, target_modules=["k_proj", "v_proj"], init_lora_weights=False), "kv")
+    fxpeft.merge_adapter(gm)
+    fxpeft.rewrite(gm, fxpeft.AdaptionPromptConfig(adapter_len=2, adapter_layers=1), adapter_name="ap")
+    _gates(gm, 0.5)
+    fxpeft.set_adapter(gm, ["kv", "ap"])
+    with torch.no_grad():
+        want = _out(gm(**batch))[1]
+        with fxpeft.disable_adapters(gm):
+            assert rel_err(_out(gm(**batch))[1], base) <= 1e-5
+        assert rel_err(_out(gm(**batch))[1], want) <= 1e-5 and all(
+            m.merged for m in fxpeft.adapters(gm).values() if m.adapter_name == "kv")
+        fxpeft.unmerge_adapter(gm)

@@ -268,19 +268,37 @@ def test_hot_swapping_between_alora_and_plain_lora_is_refused(tmp_path):
 
 def test_sites_share_one_mask_per_call_and_an_edited_input_gets_a_new_one():
     from fxpeft.methods.lora import alora_on
+    from fxpeft.scope import CallScope
 
     ids, tokens = torch.tensor([[1, 5, 6, 2], [5, 6, 3, 4]]), torch.tensor([5, 6])
-    first = alora_on(ids, tokens, None)
-    assert alora_on(ids, tokens.clone(), None) is first  # another site's copy of the tokens: the same mask
-    assert torch.equal(first, torch.tensor([[False, True, True, True], [True, True, True, True]]))
-    ids[0, 1] = 9  # edited in place: the cached mask is stale
-    assert torch.equal(alora_on(ids, tokens, None), torch.tensor([[False] * 4, [True] * 4]))
-    offsets = torch.tensor([1, 0])  # PEFT's offsets: the last token of row 0, none of row 1
-    assert torch.equal(alora_on(ids, tokens, offsets), torch.tensor([[False, False, False, True], [False] * 4]))
-    assert torch.equal(alora_on(ids.clone(), torch.tensor([3, 4]), None),
-                       torch.tensor([[False] * 4, [False, False, True, True]]))
-    with torch.inference_mode():  # inference tensors keep no version counter: computed, not cached
+    with CallScope():  # one graph call: its sites share the first site's mask
+        first = alora_on(ids, tokens, None)
+        assert alora_on(ids, tokens.clone(), None) is first  # another site's copy of the tokens: the same mask
+        assert torch.equal(first, torch.tensor([[False, True, True, True], [True, True, True, True]]))
+        ids[0, 1] = 9  # edited in place: the kept mask is stale
+        assert torch.equal(alora_on(ids, tokens, None), torch.tensor([[False] * 4, [True] * 4]))
+        offsets = torch.tensor([1, 0])  # PEFT's offsets: the last token of row 0, none of row 1
+        assert torch.equal(alora_on(ids, tokens, offsets), torch.tensor([[False, False, False, True], [False] * 4]))
+    assert alora_on(ids, tokens, None) is not alora_on(ids, tokens, None)  # outside a call: nothing is kept
+    # the next call sees a write that autograd's version counter misses (through .data, or a shared numpy array)
+    ids.data[0, 1] = 5
+    with CallScope():
+        assert torch.equal(alora_on(ids, tokens, None), torch.tensor([[False, True, True, True], [True] * 4]))
+    with torch.inference_mode(), CallScope():  # inference tensors keep no version counter: computed, not kept
         ids = torch.tensor([[1, 5, 6, 2]])
         assert torch.equal(alora_on(ids, tokens, None), torch.tensor([[False, True, True, True]]))
         ids[0, 1] = 9
         assert not alora_on(ids, tokens, None).any()
+
+
+def test_a_graph_call_shares_the_mask_across_its_sites_and_a_reused_buffer_is_read_again(tmp_path):
+    import numpy as np
+
+    _peft_alora(tmp_path)
+    gm = fxpeft.load_adapter(_graph("llama"), tmp_path / "peft").eval()
+    buf = BATCHES[0].numpy().copy()
+    ids = torch.from_numpy(buf)  # a loader refilling one buffer: writes that torch's version counter does not see
+    with torch.no_grad():
+        for batch in BATCHES:  # both [2, 16], invoked at different places
+            np.copyto(buf, batch.numpy())
+            assert torch.equal(_logits(gm, ids), _logits(gm, batch.clone()))

@@ -385,3 +385,4 @@ def test_kaiming_init_draws_what_nn_init_draws(shape, seed):
     torch.manual_seed(seed)
     _kaiming_uniform(got)
     assert torch.equal(got, want)
+    _kaiming_uniform(torch.empty(4, 0))  # empty (fan-in 0): left as it is, as nn.init does
