@@ -172,7 +172,8 @@ def stack_slots(rank: int, dim: int, *slots: torch.Tensor | None) -> torch.Tenso
     present = [t for t in slots if t is not None]
     plain = (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
              and all(type(t) in (torch.Tensor, nn.Parameter) and not t.is_inference() for t in present))
-    key = (rank, dim, *((id(t), t._version) if t is not None else None for t in slots)) if plain else None
+    # the storage too: ``p.data = new`` (a load that swaps a parameter's data) keeps its identity and version
+    key = (rank, dim, *((id(t), t._version, t.data_ptr()) if t is not None else None for t in slots)) if plain else None
     hit = _STACKS.get(key) if plain else None
     if hit is not None and all(ref is None and t is None or ref is not None and ref() is t
                                for ref, t in zip(hit[0], slots)):

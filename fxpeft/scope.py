@@ -1,6 +1,6 @@
 """A scratch dict that lives for one call of a graph.
 
-Some values are the same at every site of a call (aLoRA's invocation mask, computed from the call's
+Some values are the same at every site of a call (a mask computed from the call's
 ``input_ids``): a method may compute one once, keep it here, and let the other sites of the same call read it.
 Nothing outlives the call, so no later call, whose inputs may have been rewritten in place in ways autograd's
 version counter does not see (a numpy array sharing the memory, a write through ``.data``), can read a stale

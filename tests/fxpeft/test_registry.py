@@ -5,6 +5,8 @@ from __future__ import annotations
 import pathlib
 import re
 
+import torch
+
 import fxpeft
 from fxpeft.registry import PeftRegistry, fx_callable
 
@@ -37,3 +39,19 @@ def test_one_rule_maps_aten_ops_to_the_symbolic_dialect():
     assert fx_callable(aten.linear.default) is torch._C._nn.linear
     assert fx_callable(aten.embedding.default) is torch.embedding  # aten's argument order, not F.embedding's
     assert fx_callable(aten._to_copy.default) is aten._to_copy.default  # no binding: the op itself
+
+
+def test_stack_slots_reuses_a_stack_until_a_slot_changes():
+    from fxpeft.registry import stack_slots
+
+    a, b = torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.ones(1, 3))
+    with torch.no_grad():
+        first = stack_slots(2, 0, a, b, None)
+        assert first.shape == (3, 2, 3) and stack_slots(2, 0, a, b, None) is first  # served again
+        assert torch.equal(first[1], torch.tensor([[1.0] * 3, [0.0] * 3]))  # padded to rank 2
+        b.mul_(2)  # in place: a new version
+        assert torch.equal(stack_slots(2, 0, a, b, None)[1, 0], torch.full((3,), 2.0))
+        b.data = torch.full((1, 3), 5.0)  # new data, same parameter and version: a new storage
+        assert torch.equal(stack_slots(2, 0, a, b, None)[1, 0], torch.full((3,), 5.0))
+    with torch.enable_grad():
+        assert stack_slots(2, 0, a, b, None) is not stack_slots(2, 0, a, b, None)  # under autograd: never kept
