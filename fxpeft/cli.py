@@ -503,12 +503,11 @@ def _merge(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise CommandError(f"OUT {str(out)!r} is a file; name a directory for the merged checkpoint")
     _check_writable(out / "model.safetensors")
-    steps = [5 if args.pt2 else 3]  # without --pt2, merging and writing are one step (4 if the merge cannot stream)
+    steps = 5 if args.pt2 else 3  # without --pt2, merging and writing are one step (4 if the merge cannot stream)
     start = time.perf_counter()
 
     def step(i: int, what: str) -> None:  # progress on stderr: stdout stays clean for scripts
-        print(f"fxpeft merge: [{i}/{steps[0]}] {what} ({time.perf_counter() - start:.1f} s)", file=sys.stderr,
-              flush=True)
+        print(f"fxpeft merge: [{i}/{steps}] {what} ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
 
     step(1, f"loading {args.base}")
     model, margs, mkwargs = load_model(args.base)
@@ -526,7 +525,7 @@ def _merge(args: argparse.Namespace) -> int:
             files = fxpeft.save_merged(gm, out, max_shard_size=args.max_shard_size, config=config, merge=True)
         except fxpeft.errors.AdapterFileError as e:  # a merge that changes more than weights (a tie): merged first
             print(f"fxpeft merge: cannot merge while writing ({e}); merging first", file=sys.stderr, flush=True)
-            files, steps[0] = None, 4
+            files, steps = None, 4
     if files is None:
         step(3, f"merging {len(fxpeft.adapters(gm))} adapted sites")
         fxpeft.merge(gm)

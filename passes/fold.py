@@ -19,7 +19,6 @@ from fxpeft.errors import MergeError
 from fxpeft.registry import AdapterModule, PeftRegistry
 from fxpeft.sites import SITE_KINDS, find_sites
 
-from .inject import adapter_modules
 from .merge import _fits, _own_readers, _readers_index, refuse_foreign_reads
 from .remove import select_adapters
 from .transaction import transaction
@@ -70,11 +69,7 @@ class FoldAdapters:
         sites = find_sites(gm, SITE_KINDS)
         readers = _readers_index(gm)
         if not (self.undo or self.restore):  # a fold changes what other sites' readers of the weight see
-            plan: dict[str, list[AdapterModule]] = {}
-            for m in todo.values():
-                if not isinstance(m, FullCopy) and m.site_name in sites:
-                    plan.setdefault(m.site_name, []).append(m)
-            refuse_foreign_reads(gm, sites, plan, {p for p in adapter_modules(gm) if p not in todo})
+            refuse_foreign_reads(gm, sites, todo)
         # full copies (modules_to_save, trained biases) set the base values a method's fold then adds to:
         # they go in first, and come out last. Folds need not commute (rotations): adapters come out in the
         # reverse of the order they go in (sorted is stable).

@@ -69,24 +69,28 @@ def _fits(t: torch.Tensor, dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or not dtype.is_floating_point or t.abs().max() <= torch.finfo(dtype).max
 
 
-def refuse_foreign_reads(gm: fx.GraphModule, sites: dict[str, Site], folding: dict[str, list[AdapterModule]],
-                         staying: set[str]) -> None:
-    """Refuse to fold into a weight that an adapter of *another* site reads as a value and keeps reading (an
-    adapter in ``staying``: one this merge leaves in the graph): the fold would change what that adapter computes,
+def refuse_foreign_reads(gm: fx.GraphModule, sites: dict[str, Site], folding: dict[str, AdapterModule]) -> None:
+    """Refuse to fold ``folding`` (adapters by path) into a weight that an adapter of *another* site reads as a
+    value and keeps reading (one this fold leaves in the graph): the fold would change what that adapter computes,
     so the merged graph would not give the unmerged outputs. (Adaption prompt runs its prompt through the layer's
     K/V weights: a LoRA there, once merged, would change the prompt's keys too.)
 
     Raises:
         MergeError: naming the weight, the reading adapter and the ways out; nothing is written.
     """
-    by_weight: dict[int, str] = {id(gm.get_parameter(sites[name].weight)): name for name in folding}
+    by_site: dict[str, list[str]] = {}  # site -> the names folded into its weight
+    for m in folding.values():
+        if not isinstance(m, FullCopy) and m.site_name in sites:
+            by_site.setdefault(m.site_name, []).append(m.adapter_name)
+    by_weight = {id(gm.get_parameter(sites[name].weight)): name for name in by_site}
+    staying = {p for p in adapter_modules(gm) if p not in folding}
     for n in gm.graph.nodes:
         tag = get_tag(n)
         if n.op != "get_attr" or tag is None or tag.role is not Role.BASE_WEIGHT or tag.module not in staying:
             continue
         name = by_weight.get(id(_attr(gm, n.target)))
         if name is not None and tag.site != name:
-            raise MergeError(f"cannot fold {sorted({m.adapter_name for m in folding[name]})} into {sites[name].weight!r}: "
+            raise MergeError(f"cannot fold {sorted(by_site[name])} into {sites[name].weight!r}: "
                              f"adapter {tag.adapter!r} ({tag.method}) at {tag.site!r} computes with that weight, and "
                              "the fold would change its outputs, so the merged graph would not compute what the "
                              "unmerged one does. Keep these adapters unmerged, or remove "
@@ -158,8 +162,7 @@ class MergeAdapters:
                 raise MergeError(f"adapter {path!r} sits on {m.site_name!r}, which is no longer a call site of this "
                                  "graph; was the graph edited by hand?")
             plan.setdefault(m.site_name, []).append(m)
-        staying = {p for p, m in adapter_modules(gm).items() if p not in mods}
-        refuse_foreign_reads(gm, sites, plan, staying)
+        refuse_foreign_reads(gm, sites, mods)
         with torch.no_grad(), transaction(gm) as txn:
             write_copies(gm, copies, txn)  # first: a bias a method folds into is the trained copy's
             folded, sums = {}, []

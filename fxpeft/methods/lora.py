@@ -342,8 +342,8 @@ def _kaiming_uniform(t: torch.Tensor) -> None:
     its per-call argument handling: a rewrite initialises one ``A`` per site."""
     if t.numel() == 0:  # nn.init leaves an empty tensor as it is (and its fan-in may be 0)
         return
-    fan_in = t.shape[1] * math.prod(t.shape[2:])
-    t.uniform_(-math.sqrt(3.0) * (_GAIN / math.sqrt(fan_in)), math.sqrt(3.0) * (_GAIN / math.sqrt(fan_in)))
+    bound = math.sqrt(3.0) * (_GAIN / math.sqrt(t.shape[1] * math.prod(t.shape[2:])))  # nn.init's order of operations
+    t.uniform_(-bound, bound)
 
 
 class LoraAdapter(AdapterModule):
@@ -814,7 +814,7 @@ class Lora(Method):
             up_bias = [emit.op(aten.mul.Tensor, emit.param("B_bias", Role.PARAM), emit.param("scale", Role.SCALING))]
         alora = hasattr(adapter, "alora_tokens")
         if alora and not up_bias:  # aLoRA: masked at rank r, not at the output's width (B·0 is exactly 0)
-            a, alora = _alora_gate(emit, a), False
+            a, alora = _alora_gate(emit, adapter, a), False
         g = None
         if adapter.use_dora:  # B's rows scaled by g (a tiny [out, r] op): the up projection gives g·B(A(x))·s
             g, weight = cls._dora_scale(emit, site, adapter, base_dtype)
@@ -828,7 +828,7 @@ class Lora(Method):
         else:
             b = emit.op(aten.linear.default, a, B, *up_bias, role=Role.UP)  # [..., out]
         if alora:  # aLoRA with lora_bias: the whole update only from each row's invocation on
-            b = _alora_gate(emit, b)
+            b = _alora_gate(emit, adapter, b)
         if g is not None:
             emit.replace_output(cls._dora_out(emit, site, adapter, x, b, g, weight, base_dtype))
             return
@@ -1455,21 +1455,24 @@ def alora_mask(input_ids: torch.Tensor, tokens: torch.Tensor, offsets: torch.Ten
     return alora_on(input_ids, tokens, offsets).unsqueeze(-1)  # [B, T, 1]
 
 
-def alora_on(input_ids: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
+def alora_on(input_ids: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor | None,
+             values: tuple[int, ...] | None = None) -> torch.Tensor:
     """``[B, T]`` bool, True from each row's invocation on: the graph's node at every aLoRA site.
 
     Every site of a call computes the same mask from the same ``input_ids`` (each holds its own copy of the
     invocation tokens), so in eager mode the first site keeps its mask in the call's scratch
     (:mod:`fxpeft.scope`: it lives for this call only) and the other sites read it, keyed by the inputs (and their
-    in-place versions) and the tokens' values. Outside a graph call, under ``torch.compile`` or export, it is the
-    plain computation (traced once per site; Inductor merges them).
+    in-place versions) and the tokens' ``values`` (the graph passes them as a constant, so no site reads the
+    tokens back from the device). Outside a graph call, under ``torch.compile`` or export, it is the plain
+    computation (traced once per site; Inductor merges them).
     """
     scratch = call_scratch() if not torch.compiler.is_compiling() else None
     key = None
     if (scratch is not None and type(input_ids) is torch.Tensor and not input_ids.is_inference()
             and (offsets is None or type(offsets) is torch.Tensor and not offsets.is_inference())):
         key = ("alora_on", id(input_ids), input_ids._version,
-               None if offsets is None else (id(offsets), offsets._version), tuple(tokens.tolist()))
+               None if offsets is None else (id(offsets), offsets._version),
+               values if values is not None else tuple(tokens.tolist()))
         hit = scratch.get(key)
         if hit is not None:
             return hit
@@ -1484,11 +1487,12 @@ def alora_on(input_ids: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tenso
     return on
 
 
-def _alora_on(emit: Emit, tokens: fx.Node) -> fx.Node:
-    """:func:`alora_on` as a node, ``[B, T]`` bool, for the invocation ``tokens``: from the offsets input when the
-    caller passes one, else from ``input_ids``."""
+def _alora_on(emit: Emit, adapter: LoraAdapter, tokens: fx.Node) -> fx.Node:
+    """:func:`alora_on` as a node, ``[B, T]`` bool, for ``adapter``'s invocation ``tokens``: from the offsets input
+    when the caller passes one, else from ``input_ids``."""
     offsets = emit.input(ALORA_OFFSETS, check_alora_offsets)  # None unless the caller passes PEFT's offsets
-    return emit.function(alora_on, _alora_ids(emit.gm), tokens, offsets, label="alora_on")
+    values = tuple(adapter.alora_tokens.tolist())  # a constant of the graph (the config's tokens)
+    return emit.function(alora_on, _alora_ids(emit.gm), tokens, offsets, values, label="alora_on")
 
 
 def _alora_mask_node(emit: Emit, on: fx.Node) -> fx.Node:
@@ -1499,10 +1503,10 @@ def _alora_mask_node(emit: Emit, on: fx.Node) -> fx.Node:
     return emit.op(aten.unsqueeze.default, on, -1, label="alora_mask")  # [B, T, 1]
 
 
-def _alora_gate(emit: Emit, up: fx.Node) -> fx.Node:
+def _alora_gate(emit: Emit, adapter: LoraAdapter, up: fx.Node) -> fx.Node:
     """``up`` (the scaled down-projection ``[B, T, r]``, or the update ``[B, T, out]``) zeroed before each row's
     invocation."""
-    on = _alora_on(emit, emit.param("alora_tokens", label="alora_tokens"))
+    on = _alora_on(emit, adapter, emit.param("alora_tokens", label="alora_tokens"))
     return emit.op(aten.where.ScalarOther, _alora_mask_node(emit, on), up, 0.0, role=Role.UP, label="alora_up")
 
 
@@ -1514,7 +1518,7 @@ def _alora_mixed_gate(emit: Emit, slots: list[LoraAdapter | None], delta: fx.Nod
     masks, ones = [], None
     for m in slots:
         if m is not None and hasattr(m, "alora_tokens"):
-            masks.append(_alora_on(emit, emit.param_of(m, "alora_tokens")))  # [B, T]
+            masks.append(_alora_on(emit, m, emit.param_of(m, "alora_tokens")))  # [B, T]
             continue
         if ones is None:
             ones = emit.op(aten.ones_like.default, _alora_ids(emit.gm), dtype=torch.bool, label="alora_plain")
